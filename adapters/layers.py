@@ -1,0 +1,101 @@
+"""The multi-adapter linear layer and what a forward pass tells it about adapters.
+
+As in vLLM's `lora/layers` (layer wrappers over slot buffers, one shared token→adapter map per
+step) with S-LoRA's unified paged pool: each wrapped layer keeps pages of G rank rows,
+`lora_a (P, G, in)` and `lora_bt (P, G, out)`; an adapter of rank r owns ⌈r/G⌉ pages (the same
+page numbers in every layer) with its scaling folded into its Bᵀ rows. Page 0 stays zero: the
+"no adapter" page. A forward adds each token's LoRA term through the pages it names (see
+`adapters.ops`). Different ranks cost only the pages they use, and a weighted composition of
+adapters is just more pages with their weights: it batches like any other request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+# op(x (N, in), lora_a (P, G, in), lora_bt (P, G, out)) -> (N, out); built per step by the engine
+LoraOp = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class LoraBatch:
+    """The token→rows map of one forward pass, shared by every MultiLoraLinear of a model."""
+
+    def __init__(self) -> None:
+        self.op: LoraOp | None = None
+        self.adapters: frozenset[int] = frozenset()
+
+    def set(self, op: LoraOp | None, adapters: frozenset[int]) -> None:
+        self.op, self.adapters = op, adapters
+
+    def clear(self) -> None:
+        self.op, self.adapters = None, frozenset()
+
+
+def layer_shape(layer: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of an nn.Linear or a GPT-2 Conv1D (weight stored (in, out))."""
+    if isinstance(layer, Conv1D):
+        return layer.weight.shape[0], layer.weight.shape[1]
+    return layer.in_features, layer.out_features
+
+
+class MultiLoraLinear(nn.Module):
+    """A frozen base linear plus the LoRA rows of every adapter the batch names."""
+
+    def __init__(self, base_layer: nn.Module, batch: LoraBatch, pages: int, page_size: int):
+        super().__init__()
+        self.base_layer = base_layer
+        self.batch = batch
+        self.in_features, self.out_features = layer_shape(base_layer)
+        w = base_layer.weight
+        shape = (pages, page_size)
+        self.register_buffer("lora_a", torch.zeros(*shape, self.in_features, dtype=w.dtype, device=w.device))
+        self.register_buffer("lora_bt", torch.zeros(*shape, self.out_features, dtype=w.dtype, device=w.device))
+        # adapter keys with rows in this layer: a batch naming none of them skips the LoRA term
+        self.adapters: set[int] = set()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        b = self.batch
+        if b.op is None or self.adapters.isdisjoint(b.adapters):
+            return y
+        # x: (B, T, in) → (N, in) — N tokens flattened across the batch
+        delta = b.op(x.reshape(-1, self.in_features), self.lora_a, self.lora_bt)
+        return y + delta.view(y.shape).to(y.dtype)
+
+    def write_rows(self, key: int, rows: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> None:
+        """Copy one adapter's A (r, in) and B (out, r) into the flat pool rows `rows` (r,)."""
+        self.lora_a.view(-1, self.in_features)[rows] = lora_a.to(self.lora_a)
+        self.lora_bt.view(-1, self.out_features)[rows] = (lora_b.T * scaling).to(self.lora_bt)
+        self.adapters.add(key)
+
+    def clear_pages(self, key: int, pages: torch.Tensor) -> None:
+        self.lora_a[pages] = 0
+        self.lora_bt[pages] = 0
+        self.adapters.discard(key)
+
+
+def inject_multi_lora(
+    model: nn.Module, batch: LoraBatch, pages: int, page_size: int, exclude: tuple[str, ...] = ("lm_head",)
+) -> dict[str, MultiLoraLinear]:
+    """Wrap every linear / Conv1D layer of `model` (except `exclude`) in place.
+
+    Returns {module path: wrapper}; the paths are those of the unwrapped model, which are the
+    names PEFT writes in its keys.
+    """
+    targets = [
+        (name, mod)
+        for name, mod in model.named_modules()
+        if isinstance(mod, (nn.Linear, Conv1D)) and name.rsplit(".", 1)[-1] not in exclude
+    ]
+    wrapped = {}
+    for name, mod in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        wrapper = MultiLoraLinear(mod, batch, pages, page_size)
+        setattr(parent, child, wrapper)
+        wrapped[name] = wrapper
+    return wrapped

@@ -1,0 +1,12 @@
+"""Adapter names: the one pattern every layer checks (API.md, Conventions)."""
+
+from __future__ import annotations
+
+import re
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+_NAME_RE = re.compile(NAME_PATTERN)
+
+
+def is_valid_name(name: str) -> bool:
+    return bool(_NAME_RE.fullmatch(name)) and name not in (".", "..")

@@ -1,0 +1,117 @@
+"""`create_app(settings)`: the FastAPI app, with no import-time singletons.
+
+The process listens at once; the base model loads in a background thread (`/health/ready` says
+503 until it is loaded and warmed up). Shutdown (SIGTERM) drains: uvicorn stops accepting,
+running requests finish within `drain_timeout`, then the engine stops.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from fastapi import FastAPI
+
+from adapters.peft_io import AdapterError, check_fits, load_peft_adapter
+from adapters.registry import AdapterRegistry
+from server.async_engine import AsyncEngine
+from server.auth import load_api_keys
+from server.engine import Engine
+from server.errors import install_error_handlers
+from server.metrics import Metrics
+from server.model import BaseModel, load_base_model
+from server.serving import Serving
+from server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AppState:
+    """Everything the routes reach, filled in once the model is loaded."""
+
+    settings: Settings
+    metrics: Metrics = field(default_factory=Metrics)
+    registry: AdapterRegistry = field(default_factory=AdapterRegistry)
+    api_keys: dict[str, set[str]] | None = None
+    base: BaseModel | None = None
+    engine: Engine | None = None
+    async_engine: AsyncEngine | None = None
+    serving: Serving | None = None
+    load_error: str | None = None
+    ready: bool = False
+    draining: bool = False
+
+
+def load_adapter_dir(state: AppState, directory: Path) -> None:
+    """Register every subdirectory of `directory` that holds a PEFT adapter, under its name."""
+    for sub in sorted(p for p in directory.iterdir() if p.is_dir()):
+        if not (sub / "adapter_config.json").exists():
+            continue
+        try:
+            weights = load_peft_adapter(sub)
+            check_fits(weights, state.engine.layer_shapes(), state.settings.max_lora_rank)
+            state.registry.add(sub.name, weights)
+            log.info("loaded adapter %s (rank %d)", sub.name, weights.rank)
+        except AdapterError as e:
+            log.error("skipping adapter %s: %s", sub.name, e)
+
+
+def start_engine(state: AppState) -> None:
+    """Load the model, build and warm the engine, load --adapter-dir (runs in a thread)."""
+    s = state.settings
+    try:
+        if s.threads:
+            torch.set_num_threads(s.threads)
+        state.base = load_base_model(s.model, cache_dir=s.model_cache_dir, device=s.device, dtype=s.dtype, max_model_len=s.max_model_len)
+        state.engine = Engine(state.base, s.engine_config())
+        if s.adapter_dir:
+            load_adapter_dir(state, s.adapter_dir)
+        state.engine.warmup()
+        state.engine.start()
+        state.async_engine = AsyncEngine(state.engine, state.metrics, s.max_waiting)
+        state.serving = Serving(state.base, state.async_engine, state.registry, state.engine.max_len)
+        e, pool = state.engine, state.engine.pool
+        state.metrics.bind(
+            waiting=lambda: e.num_waiting,
+            running=lambda: e.num_running,
+            adapters_registered=lambda: len(state.registry),
+            adapters_resident=pool.resident_count,
+            adapter_loads=lambda: pool.loads,
+            adapter_evictions=lambda: pool.evictions,
+        )
+        state.ready = True
+        log.info("ready: %s on %s", state.base.model_id, state.base.device)
+    except Exception as e:  # reported by /health/ready and every request
+        log.exception("model loading failed")
+        state.load_error = f"{e.__class__.__name__}: {e}"
+
+
+def create_app(settings: Settings, *, load_in_background: bool = True) -> FastAPI:
+    state = AppState(settings=settings, api_keys=load_api_keys(settings.api_keys_file))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        loader = threading.Thread(target=start_engine, args=(state,), name="loraplex-loader", daemon=True)
+        loader.start()
+        if not load_in_background:
+            loader.join()
+        yield
+        state.draining = True
+        if state.async_engine:
+            state.async_engine.draining = True
+        loader.join()
+        if state.engine:
+            state.engine.stop()
+
+    app = FastAPI(title="loraplex", lifespan=lifespan)
+    app.state.loraplex = state
+    install_error_handlers(app)
+    from server import api  # routes import the app state helpers; imported here to keep layering one-way
+
+    app.include_router(api.router)
+    return app

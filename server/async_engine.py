@@ -1,0 +1,66 @@
+"""The asyncio face of the engine thread: one async iterator of outputs per request.
+
+Closing the iterator before the request finished (a client that went away, a cancelled task)
+aborts it in the engine, which frees its batch row at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from server.engine import AdapterUse, Engine, GenerationRequest, RequestOutput
+from server.metrics import Metrics
+from server.sampling import SamplingParams
+
+
+class Overloaded(RuntimeError):
+    """The queue is full or the server is draining."""
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine, metrics: Metrics, max_waiting: int):
+        self.engine = engine
+        self.metrics = metrics
+        self.max_waiting = max_waiting
+        self.draining = False
+
+    async def generate(
+        self, prompt_ids: list[int], params: SamplingParams, adapters: list[AdapterUse], request_id: str | None = None
+    ) -> AsyncIterator[RequestOutput]:
+        if self.draining:
+            raise Overloaded("the server is shutting down")
+        if self.engine.num_waiting >= self.max_waiting:
+            raise Overloaded("the server is overloaded: too many queued requests")
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+
+        def emit(out: RequestOutput) -> None:  # called from the engine thread
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, out)
+            except RuntimeError:  # the event loop is gone: nobody is listening any more
+                pass
+
+        rid = request_id or uuid.uuid4().hex
+        t0 = last = time.perf_counter()
+        self.engine.submit(GenerationRequest(rid, prompt_ids, params, emit, adapters))
+        finished = False
+        first = True
+        try:
+            while not finished:
+                out = await queue.get()
+                now = time.perf_counter()
+                if out.token_ids:
+                    if first:
+                        self.metrics.ttft.observe(now - t0)
+                        first = False
+                    else:
+                        self.metrics.itl.observe(now - last)
+                    last = now
+                finished = out.finish_reason is not None
+                yield out
+        finally:
+            if not finished:
+                self.engine.abort(rid)

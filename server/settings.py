@@ -1,0 +1,83 @@
+"""All configuration: one pydantic-settings `Settings`, read from `LORAPLEX_*` and the CLI.
+
+It builds the small per-concern dataclasses (EngineConfig, ...) that are passed down; nothing
+below `server/` reads the environment.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from server.engine import EngineConfig
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LORAPLEX_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    """Address to listen on."""
+    port: int = 8000
+    """Port to listen on."""
+    model: str | None = None
+    """Base model: an HF model directory or hub id; unset means the embedded SmolLM2-135M-Instruct."""
+    adapter_dir: Path | None = None
+    """Every subdirectory holding a PEFT adapter is loaded at start under the subdirectory's name."""
+    data_dir: Path = Path(".loraplex")
+    """Uploaded adapters, training files and the job database."""
+    cache_dir: Path | None = None
+    """Where the converted default model is kept (default: <data_dir>/cache)."""
+    api_keys_file: Path | None = None
+    """Lines `KEY [scope,scope]` (scopes: inference, admin; default both); unset means no auth."""
+    metrics_require_key: bool = False
+    """Whether /metrics needs an API key (when keys are configured)."""
+    device: str = "auto"
+    """cuda, cpu, or auto (cuda when present)."""
+    dtype: str = "float32"
+    """Weights and activations: float32, bfloat16 or float16."""
+    max_model_len: int = Field(2048, ge=16)
+    """Prompt plus output tokens of one sequence at most (capped by the model's context)."""
+    max_num_seqs: int = Field(32, ge=1)
+    """Sequences decoded together at most."""
+    max_prefill_tokens: int = Field(4096, ge=16)
+    """Padded prompt tokens admitted in one prefill at most."""
+    max_waiting: int = Field(1024, ge=1)
+    """Requests queued beyond the running batch before new ones get 503."""
+    lora_pages: int = Field(128, ge=2)
+    """Pages of the device LoRA pool (a rank-16 adapter takes one page of 16 rank rows)."""
+    lora_page_size: int = Field(16, ge=1)
+    """Rank rows per LoRA page."""
+    max_lora_rank: int = Field(64, ge=1)
+    """Largest adapter rank accepted."""
+    lora_backend: str = "compiled"
+    """'compiled' (torch.compile'd gathered kernel) or 'eager'."""
+    threads: int | None = None
+    """Torch intra-op threads for the engine (default: torch's choice)."""
+    drain_timeout: float = Field(30.0, ge=0)
+    """Seconds SIGTERM waits for running requests before exiting."""
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.lora_backend not in ("compiled", "eager"):
+            raise ValueError("lora_backend must be 'compiled' or 'eager'")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError("dtype must be float32, bfloat16 or float16")
+        if self.max_lora_rank > (self.lora_pages - 1) * self.lora_page_size:
+            raise ValueError("max_lora_rank must fit in the LoRA pool: max_lora_rank <= (lora_pages - 1) * lora_page_size")
+        return self
+
+    @property
+    def model_cache_dir(self) -> Path:
+        return self.cache_dir or self.data_dir / "cache"
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(
+            max_num_seqs=self.max_num_seqs,
+            max_model_len=self.max_model_len,
+            max_prefill_tokens=self.max_prefill_tokens,
+            lora_pages=self.lora_pages,
+            lora_page_size=self.lora_page_size,
+            lora_backend=self.lora_backend,
+        )
