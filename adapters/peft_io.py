@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."
+_CARRIED_KEYS = ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "fan_in_fan_out", "target_modules")
 _KEY_RE = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
 
 
@@ -202,6 +203,8 @@ def save_peft_adapter(weights: LoraWeights, directory: Path, base_model: str | N
     for module, lm in weights.modules.items():
         tensors[f"{KEY_PREFIX}{module}.lora_A.weight"] = lm.lora_a.contiguous()
         tensors[f"{KEY_PREFIX}{module}.lora_B.weight"] = lm.lora_b.contiguous()
+    # the keys that shape the math are carried over from the source config; the rest are PEFT's defaults
+    carried = {k: weights.config[k] for k in _CARRIED_KEYS if weights.config.get(k) is not None}
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -219,6 +222,6 @@ def save_peft_adapter(weights: LoraWeights, directory: Path, base_model: str | N
         "alpha_pattern": {},
         "inference_mode": True,
         "init_lora_weights": True,
-    } | {k: v for k, v in weights.config.items() if k in ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "fan_in_fan_out", "target_modules", "base_model_name_or_path") and v is not None}
+    } | carried
     save_file(tensors, str(directory / WEIGHTS_NAME))
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2))

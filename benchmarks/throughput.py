@@ -1,0 +1,264 @@
+"""Generation throughput of one batch, multi-LoRA against base and against its peers.
+
+What it measures: generated tokens per second (prefill included, wall clock from the first
+request queued to the last token) for a batch of 16 chat prompts × 32 new tokens, greedy, EOS
+ignored, on the default model (SmolLM2-135M-Instruct, fp32):
+
+    (a) our engine, base model only
+    (b) our engine, one rank-16 adapter for all 16 rows
+    (c) our engine, 16 distinct rank-16 adapters (q,k,v,o,gate,up,down), one per row
+    (d) transformers `model.generate`, base (left padding, batch 16, min = max new tokens)
+    (e) PEFT's mixed-adapter batch: the same 16 adapters, `generate(..., adapter_names=[...])`
+
+and the ratios (c)/(a) (the cost of 16 different adapters in one batch), (b)/(a), (c)/(e) (our
+multi-LoRA against PEFT's) and (a)/(d) (our engine against `generate`). The engine runs in
+process, no HTTP (see http_load.py for the server). (d) and (e) use a second, un-injected copy
+of the model, since the engine wraps its model's linears in place.
+
+MFU = tok/s × 2·params FLOPs per token ÷ this process's fp32 matmul FLOP/s at 2048³ (adapter
+parameters counted for the rows that use them). Each number: one warm-up run, then the median
+of --repeats runs. Usage: `python benchmarks/throughput.py [--quick] [--backend eager] [--skip-peer]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/throughput.py` from anywhere
+
+from adapters.registry import Adapter, AdapterRegistry  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    DEFAULT_CACHE_DIR,
+    RESULTS_DIR,
+    adapter_name,
+    chat_prompt_ids,
+    make_random_adapters,
+    print_table,
+    resolve_model_path,
+    summarize,
+    target_shapes,
+    write_json,
+    write_peft_adapters,
+)
+from server.engine import AdapterUse, Engine, EngineConfig, GenerationRequest, RequestOutput  # noqa: E402
+from server.model import BaseModel, load_base_model  # noqa: E402
+from server.sampling import SamplingParams  # noqa: E402
+
+RUN_TIMEOUT = 900.0  # seconds one batch may take before the benchmark gives up
+
+
+def matmul_gflops(n: int = 2048, reps: int = 5) -> float:
+    """Best fp32 GFLOP/s of an n×n×n matmul in this process: the machine's ceiling for MFU."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
+
+
+def run_engine(engine: Engine, prompts: list[list[int]], new_tokens: int, adapters: list[Adapter | None]) -> float:
+    """tok/s of one batch: every request is queued before the engine thread starts, so all prefill together."""
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    done = threading.Event()
+    lock = threading.Lock()
+    state = {"left": len(prompts), "tokens": 0, "end": 0.0, "errors": []}
+
+    def emit(out: RequestOutput) -> None:  # engine thread
+        with lock:
+            state["tokens"] += len(out.token_ids)
+            if out.finish_reason is not None:
+                if out.error:
+                    state["errors"].append(out.error)
+                state["left"] -= 1
+                if state["left"] == 0:
+                    state["end"] = time.perf_counter()
+                    done.set()
+
+    for i, (ids, adapter) in enumerate(zip(prompts, adapters)):
+        uses = [AdapterUse(adapter)] if adapter is not None else []
+        engine.submit(GenerationRequest(f"bench-{i}", ids, params, emit, uses))
+    t0 = time.perf_counter()
+    engine.start()
+    finished = done.wait(RUN_TIMEOUT)
+    engine.stop()
+    if not finished or state["errors"]:
+        raise RuntimeError(f"engine run failed: {state['errors'] or 'timed out'}")
+    if state["tokens"] != len(prompts) * new_tokens:
+        raise RuntimeError(f"engine generated {state['tokens']} tokens, expected {len(prompts) * new_tokens}")
+    return state["tokens"] / (state["end"] - t0)
+
+
+def left_padded(prompts: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """input_ids and attention_mask padded on the left, as `generate` wants for decoder-only models."""
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def run_generate(model, batch: dict[str, torch.Tensor], new_tokens: int, pad_id: int, **kwargs) -> float:
+    """tok/s of one HF `generate` call on the whole batch, forced to exactly `new_tokens` per row."""
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(
+            **batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad_id, **kwargs
+        )
+    dt = time.perf_counter() - t0
+    generated = out.shape[0] * (out.shape[1] - batch["input_ids"].shape[1])
+    if generated != batch["input_ids"].shape[0] * new_tokens:
+        raise RuntimeError(f"generate produced {generated} tokens, expected {batch['input_ids'].shape[0] * new_tokens}")
+    return generated / dt
+
+
+def measure(label: str, fn: Callable[[], float], repeats: int) -> dict:
+    print(f"measuring {label}: 1 warm-up + {repeats} runs...", flush=True)
+    fn()
+    result = summarize([fn() for _ in range(repeats)])
+    print(f"  {result['median']:.1f} tok/s (runs: {', '.join(f'{v:.1f}' for v in result['runs'])})", flush=True)
+    return result
+
+
+def run_peers(args, model_path: str, prompts, new_tokens: int, adapters, repeats: int) -> dict[str, dict]:
+    """(d) transformers `generate` and (e) PEFT's mixed batch, on a fresh, un-injected model copy."""
+    from peft import PeftModel
+
+    peer: BaseModel = load_base_model(args.model, cache_dir=args.cache_dir, dtype=args.dtype)
+    model, tok = peer.model, peer.tokenizer
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    batch = left_padded(prompts, pad_id)
+    results = {"d": measure("(d) transformers generate, base", lambda: run_generate(model, batch, new_tokens, pad_id), repeats)}
+    with tempfile.TemporaryDirectory(prefix="loraplex-bench-") as tmp:
+        paths = write_peft_adapters(adapters, Path(tmp), base_model=model_path)
+        names = [adapter_name(i) for i in range(len(paths))]
+        peft_model = PeftModel.from_pretrained(model, paths[0], adapter_name=names[0])
+        for name, path in zip(names[1:], paths[1:]):
+            peft_model.load_adapter(path, adapter_name=name)
+        peft_model.eval()
+        row_names = [names[i % len(names)] for i in range(len(prompts))]
+        results["e"] = measure(
+            "(e) PEFT mixed batch",
+            lambda: run_generate(peft_model, batch, new_tokens, pad_id, adapter_names=row_names),
+            repeats,
+        )
+    return results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=None, help="HF model dir or hub id (default: the embedded SmolLM2-135M-Instruct)")
+    ap.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR, help="where the default model is converted")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--backend", default="compiled", choices=["compiled", "eager"], help="the engine's LoRA backend")
+    ap.add_argument("--prompts", type=int, default=16, help="batch size (one adapter per row in (c))")
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3, help="measured runs after the warm-up (median reported)")
+    ap.add_argument("--skip-peer", action="store_true", help="skip (d) transformers and (e) PEFT")
+    ap.add_argument("--quick", action="store_true", help="smoke check: 4 prompts × 8 tokens, 1 repeat, no JSON")
+    ap.add_argument("--out", type=Path, default=None, help="JSON results (default: benchmarks/results/throughput.json)")
+    args = ap.parse_args()
+    if args.quick:
+        args.prompts, args.new_tokens, args.repeats = 4, 8, 1
+    out_path = args.out or (None if args.quick else RESULTS_DIR / "throughput.json")
+    n, new_tokens = args.prompts, args.new_tokens
+
+    gflops = matmul_gflops()
+    print(f"fp32 matmul 2048³: {gflops:.1f} GFLOP/s ({torch.get_num_threads()} threads)", flush=True)
+
+    base = load_base_model(args.model, cache_dir=args.cache_dir, dtype=args.dtype)
+    params = sum(p.numel() for p in base.model.parameters())
+    adapters = make_random_adapters(target_shapes(base.model), n)
+    adapter_params = sum(m.lora_a.numel() + m.lora_b.numel() for m in adapters[0].modules.values())
+    prompts = chat_prompt_ids(base.tokenizer, n)
+    model_path = resolve_model_path(args.model, args.cache_dir)
+
+    registry = AdapterRegistry()
+    registered = [registry.add(adapter_name(i), w) for i, w in enumerate(adapters)]
+    config = EngineConfig(
+        max_num_seqs=n,
+        max_model_len=max(map(len, prompts)) + new_tokens + 16,
+        lora_pages=n + 1,  # one page per rank-16 adapter, plus the zero page
+        lora_page_size=16,
+        lora_backend=args.backend,
+    )
+    engine = Engine(base, config)
+    engine.warmup()
+
+    results = {
+        "a": measure("(a) engine, base", lambda: run_engine(engine, prompts, new_tokens, [None] * n), args.repeats),
+        "b": measure("(b) engine, 1 adapter", lambda: run_engine(engine, prompts, new_tokens, [registered[0]] * n), args.repeats),
+        "c": measure(f"(c) engine, {n} adapters", lambda: run_engine(engine, prompts, new_tokens, registered), args.repeats),
+    }
+    del engine, base  # the peers get the cores and memory to themselves
+    if not args.skip_peer:
+        results |= run_peers(args, model_path, prompts, new_tokens, adapters, args.repeats)
+
+    def ratio(x: str, y: str) -> float | None:
+        return results[x]["median"] / results[y]["median"] if x in results and y in results else None
+
+    ratios = {"c/a": ratio("c", "a"), "b/a": ratio("b", "a"), "c/e": ratio("c", "e"), "a/d": ratio("a", "d")}
+    flops_per_token = {k: 2 * (params + (adapter_params if k in ("b", "c", "e") else 0)) for k in results}
+    mfu = {k: results[k]["median"] * flops_per_token[k] / (gflops * 1e9) for k in results}
+
+    labels = {
+        "a": ("(a) engine, base", "—"),
+        "b": ("(b) engine, 1 adapter for all rows", "b/a"),
+        "c": (f"(c) engine, {n} distinct adapters", "c/a"),
+        "d": ("(d) transformers generate, base", "a/d"),
+        "e": (f"(e) PEFT mixed batch, {n} adapters", "c/e"),
+    }
+    print(
+        f"\n{n} prompts × {new_tokens} new tokens, greedy, {args.dtype}, backend={args.backend}, "
+        f"median of {args.repeats}; rank-16 adapters on {', '.join(adapters[0].target_modules)}"
+    )
+    rows = []
+    for k, (what, r) in labels.items():
+        if k in results:
+            value = ratios.get(r)
+            rows.append([what, results[k]["median"], f"{mfu[k]:.1%}", r, "—" if value is None else value])
+    print_table(["what", "tok/s", "MFU", "ratio", "value"], rows)
+    print(f"fp32 matmul 2048³: {gflops:.1f} GFLOP/s; {params / 1e6:.1f} M params, {adapter_params / 1e6:.2f} M per adapter")
+
+    if out_path:
+        write_json(
+            out_path,
+            {
+                "config": {
+                    "model": args.model or "SmolLM2-135M-Instruct",
+                    "dtype": args.dtype,
+                    "backend": args.backend,
+                    "prompts": n,
+                    "new_tokens": new_tokens,
+                    "repeats": args.repeats,
+                    "rank": 16,
+                    "target_modules": adapters[0].target_modules,
+                    "torch": torch.__version__,
+                    "threads": torch.get_num_threads(),
+                    "machine": platform.processor() or platform.machine(),
+                },
+                "matmul_gflops": gflops,
+                "params": params,
+                "adapter_params": adapter_params,
+                "tok_per_s": results,
+                "ratios": ratios,
+                "mfu": mfu,
+            },
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""The multi-LoRA layers against the real `peft` library: same adapters, same logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import PeftModel
+from tiny import make_peft_adapter
+from transformers import AutoModelForCausalLM
+
+from adapters.layers import LoraBatch, inject_multi_lora, layer_shape
+from adapters.ops import lora_gathered
+from adapters.peft_io import check_fits, load_peft_adapter
+from adapters.pool import LoraPool
+from adapters.registry import AdapterRegistry
+
+PATTERNS = {
+    "llama": ({"q_proj": 6}, {"down_proj": 20}),
+    "qwen2": ({"q_proj": 6}, {"down_proj": 20}),
+    "gpt2": ({"c_attn": 6}, {"c_fc": 20}),
+}
+
+
+def load_into_pool(model_dir, adapter_dirs, pages=10, page_size=8):
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    batch = LoraBatch()
+    layers = inject_multi_lora(model, batch, pages, page_size)
+    shapes = {n: layer_shape(m.base_layer) for n, m in layers.items()}
+    pool = LoraPool(layers, pages, page_size, torch.device("cpu"))
+    registry = AdapterRegistry()
+    adapters = []
+    for i, d in enumerate(adapter_dirs):
+        w = load_peft_adapter(d)
+        check_fits(w, shapes, 64)
+        adapters.append(registry.add(f"a{i}", w))
+    pages_of = [pool.acquire(a)[0] for a in adapters]
+    return model, batch, adapters, pages_of
+
+
+def set_rows(batch, adapters, pages_of, row_adapter: list[int | None], tokens: int, page_size=8):
+    k = max(len(p) for p in pages_of)
+    idx = torch.zeros(len(row_adapter), k, dtype=torch.long)
+    w = torch.zeros(len(row_adapter), k, page_size)
+    for i, a in enumerate(row_adapter):
+        if a is not None:
+            idx[i, : len(pages_of[a])] = pages_of[a]
+            w[i, : len(pages_of[a])] = 1.0
+    idx, w = idx.repeat_interleave(tokens, 0), w.repeat_interleave(tokens, 0)
+    batch.set(lambda x, a, bt: lora_gathered(x, a, bt, idx, w), frozenset(a.key for a in adapters))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
+def test_mixed_batch_matches_peft(tiny_models, tmp_path, arch):
+    d = tiny_models[arch]
+    rank_pattern, alpha_pattern = PATTERNS[arch]
+    ad0 = make_peft_adapter(d, tmp_path / "a0", arch, r=4, alpha=8, seed=1)
+    ad1 = make_peft_adapter(d, tmp_path / "a1", arch, r=12, alpha=6, seed=2, use_rslora=True,
+                            rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
+    model, batch, adapters, pages_of = load_into_pool(d, [ad0, ad1])
+    torch.manual_seed(0)
+    ids = torch.randint(0, 300, (3, 7))
+    set_rows(batch, adapters, pages_of, [0, None, 1], tokens=7)
+    with torch.no_grad():
+        ours = model(ids).logits
+
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(d).eval(), ad0, adapter_name="a0")
+    peft_model.load_adapter(ad1, adapter_name="a1")
+    with torch.no_grad():
+        peft_model.set_adapter("a0")
+        ref0 = peft_model(ids[0:1]).logits
+        peft_model.set_adapter("a1")
+        ref2 = peft_model(ids[2:3]).logits
+        with peft_model.disable_adapter():
+            ref1 = peft_model(ids[1:2]).logits
+    torch.testing.assert_close(ours[0], ref0[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ours[1], ref1[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ours[2], ref2[0], rtol=1e-4, atol=1e-4)
+    assert (ref0 - ref1).abs().max() > 1e-2  # the adapters really change the output
+
+
+def test_no_adapter_in_batch_is_exactly_the_base(llama_dir, tmp_path):
+    ad = make_peft_adapter(llama_dir, tmp_path / "a", "llama", r=4)
+    model, batch, adapters, pages_of = load_into_pool(llama_dir, [ad])
+    plain = AutoModelForCausalLM.from_pretrained(llama_dir).eval()
+    ids = torch.randint(0, 300, (2, 5))
+    batch.clear()
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, plain(ids).logits)
