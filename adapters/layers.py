@@ -11,28 +11,35 @@ adapters is just more pages with their weights: it batches like any other reques
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-# op(x (N, in), lora_a (P, G, in), lora_bt (P, G, out)) -> (N, out); built per step by the engine
-LoraOp = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
+from adapters.ops import lora_gathered, lora_segmented
 
 class LoraBatch:
-    """The token→rows map of one forward pass, shared by every MultiLoraLinear of a model."""
+    """The token→pages map of one forward pass, shared by every MultiLoraLinear of a model.
 
-    def __init__(self) -> None:
-        self.op: LoraOp | None = None
-        self.adapters: frozenset[int] = frozenset()
+    Either gathered (`idx` (N, K), `weights` (N, K, G): one row per token) or segmented
+    (`segments` = (pages per request, weights per request, token bounds)), as in adapters.ops.
+    It holds tensors, not callables, so a compiled forward sees the same code every step.
+    """
 
-    def set(self, op: LoraOp | None, adapters: frozenset[int]) -> None:
-        self.op, self.adapters = op, adapters
+    def __init__(self, check_targets: bool = True) -> None:
+        # skip layers that none of the batch's adapters targets (a Python-set test: off when compiled)
+        self.check_targets = check_targets
+        self.clear()
+
+    def set_gathered(self, idx: torch.Tensor, weights: torch.Tensor, adapters: frozenset[int]) -> None:
+        self.idx, self.weights, self.segments, self.adapters = idx, weights, None, adapters
+
+    def set_segmented(self, seg_idx: list[torch.Tensor], seg_weights: list[torch.Tensor], bounds: list[int],
+                      adapters: frozenset[int]) -> None:
+        self.idx, self.weights, self.segments, self.adapters = None, None, (seg_idx, seg_weights, bounds), adapters
 
     def clear(self) -> None:
-        self.op, self.adapters = None, frozenset()
+        self.idx = self.weights = self.segments = None
+        self.adapters: frozenset[int] = frozenset()
 
 
 def layer_shape(layer: nn.Module) -> tuple[int, int]:
@@ -60,10 +67,15 @@ class MultiLoraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
         b = self.batch
-        if b.op is None or self.adapters.isdisjoint(b.adapters):
+        if b.idx is None and b.segments is None:
             return y
-        # x: (B, T, in) → (N, in) — N tokens flattened across the batch
-        delta = b.op(x.reshape(-1, self.in_features), self.lora_a, self.lora_bt)
+        if b.check_targets and self.adapters.isdisjoint(b.adapters):
+            return y
+        x2 = x.reshape(-1, self.in_features)  # (N, in) — N tokens flattened across the batch
+        if b.segments is not None:
+            delta = lora_segmented(x2, self.lora_a, self.lora_bt, *b.segments)
+        else:
+            delta = lora_gathered(x2, self.lora_a, self.lora_bt, b.idx, b.weights)
         return y + delta.view(y.shape).to(y.dtype)
 
     def write_rows(self, key: int, rows: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> None:

@@ -8,6 +8,7 @@ skip it. Speed does not depend on the values, only on the shapes.
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 from pathlib import Path
@@ -44,6 +45,15 @@ PROMPTS = [
     "What should I pack for a weekend hiking trip in the mountains?",
     "Tell me a fun fact about octopuses.",
 ]
+
+
+def add_server_args(ap: argparse.ArgumentParser) -> None:
+    """--model, --cache-dir and --backend, as both benchmarks take them."""
+    ap.add_argument(
+        "--model", default=None, help="HF model dir or hub id (default: the embedded SmolLM2-135M-Instruct)"
+    )
+    ap.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR, help="where the default model is converted")
+    ap.add_argument("--backend", default="compiled", choices=["compiled", "eager"], help="the engine's LoRA backend")
 
 
 def adapter_name(i: int) -> str:
@@ -87,7 +97,9 @@ def make_random_adapters(
             b = torch.randn(out_f, rank, generator=gen) * 0.01
             modules[module] = LoraModule(lora_a=a, lora_b=b, scaling=alpha / rank)
         targets = sorted({m.rsplit(".", 1)[-1] for m in shapes})
-        adapters.append(LoraWeights(config={"r": rank, "lora_alpha": alpha, "target_modules": targets}, modules=modules))
+        adapters.append(
+            LoraWeights(config={"r": rank, "lora_alpha": alpha, "target_modules": targets}, modules=modules)
+        )
     return adapters
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import signal
@@ -36,11 +37,11 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/http_load.py` from anywhere
 
 from benchmarks.common import (  # noqa: E402
-    DEFAULT_CACHE_DIR,
     PROMPTS,
     REPO,
     RESULTS_DIR,
     adapter_name,
+    add_server_args,
     make_random_adapters,
     print_table,
     resolve_model_path,
@@ -48,7 +49,6 @@ from benchmarks.common import (  # noqa: E402
     write_json,
     write_peft_adapters,
 )
-from server.model import DEFAULT_MODEL_ID  # noqa: E402
 
 
 @dataclass
@@ -67,7 +67,7 @@ class Result:
 
     @property
     def itls(self) -> list[float]:
-        return [b - a for a, b in zip(self.chunk_times, self.chunk_times[1:])]
+        return [b - a for a, b in itertools.pairwise(self.chunk_times)]
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -178,7 +178,9 @@ async def stream_chat(client: httpx.AsyncClient, model: str, prompt: str, max_to
     return result
 
 
-async def run_load(url: str, models: list[str], max_tokens: int, concurrency: int, timeout: float) -> tuple[list[Result], float]:
+async def run_load(
+    url: str, models: list[str], max_tokens: int, concurrency: int, timeout: float
+) -> tuple[list[Result], float]:
     """Send one request per entry of `models`, `concurrency` at a time; (results, wall seconds)."""
     sem = asyncio.Semaphore(concurrency)
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
@@ -202,6 +204,7 @@ def summarize_group(results: list[Result], wall: float) -> dict:
     return {
         "requests": len(results),
         "tokens": tokens,
+        "content_chunks": sum(len(r.chunk_times) for r in results),
         "tok_per_s": tokens / wall,
         "ttft_p50": percentile(ttfts, 50),
         "ttft_p99": percentile(ttfts, 99),
@@ -212,9 +215,7 @@ def summarize_group(results: list[Result], wall: float) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default=None, help="HF model dir or hub id (default: the embedded SmolLM2-135M-Instruct)")
-    ap.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR, help="where the default model is converted")
-    ap.add_argument("--backend", default="compiled", choices=["compiled", "eager"], help="the server's LoRA backend")
+    add_server_args(ap)
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=32)
@@ -229,11 +230,7 @@ def main() -> None:
     out_path = args.out or (None if args.quick else RESULTS_DIR / "http_load.json")
 
     model_path = resolve_model_path(args.model, args.cache_dir)
-    base_id = args.model if args.model and not Path(args.model).exists() else Path(model_path).name
-    base_id = DEFAULT_MODEL_ID if args.model is None else base_id
     adapters = make_random_adapters(adapter_shapes(model_path), args.adapters)
-    # even requests: base; odd requests: the adapters in turn
-    models = [base_id if i % 2 == 0 else adapter_name((i // 2) % args.adapters) for i in range(args.requests)]
 
     with tempfile.TemporaryDirectory(prefix="loraplex-http-") as tmp:
         root = Path(tmp)
@@ -245,13 +242,16 @@ def main() -> None:
         proc = start_server(args, root / "adapters", root / "data", port, log_path)
         try:
             wait_ready(proc, url, args.start_timeout, log_path)
-            served = {m["id"] for m in httpx.get(f"{url}/v1/models", timeout=30).json()["data"]}
-            missing = set(models) - served
+            served = httpx.get(f"{url}/v1/models", timeout=30).json()["data"]
+            base_id = next(m["id"] for m in served if m["parent"] is None)
+            # even requests: base; odd requests: the adapters in turn
+            models = [base_id if i % 2 == 0 else adapter_name((i // 2) % args.adapters) for i in range(args.requests)]
+            missing = set(models) - {m["id"] for m in served}
             if missing:
                 raise RuntimeError(f"the server does not serve {sorted(missing)}:\n{log_path.read_text()[-3000:]}")
             print("warm-up wave...", flush=True)
             asyncio.run(run_load(url, models[: args.concurrency], args.max_tokens, args.concurrency, args.timeout))
-            print(f"load: {args.requests} requests, {args.concurrency} concurrent, {args.max_tokens} tokens...", flush=True)
+            print(f"load: {args.requests} requests, {args.concurrency} at a time...", flush=True)
             results, wall = asyncio.run(run_load(url, models, args.max_tokens, args.concurrency, args.timeout))
         finally:
             stop_server(proc)
@@ -263,25 +263,27 @@ def main() -> None:
         "base": summarize_group([r for r in results if r.model == base_id], wall),
         "adapters": summarize_group([r for r in results if r.model != base_id], wall),
     }
-    keys = ["ttft_p50", "ttft_p99", "itl_p50", "itl_p99", "tok_per_s"]
+    keys = ["ttft_p50", "ttft_p99", "itl_p50", "itl_p99"]
     b, a = groups["base"], groups["adapters"]
-    ratios = {k: a[k] / b[k] if a[k] and b[k] else None for k in keys}
+    ratios = {k: a[k] / b[k] if a[k] and b[k] else None for k in keys}  # latency of adapter requests ÷ base
 
     def ms(v: float | None) -> object:
         return "—" if v is None else v * 1000
 
-    print(f"\n{args.requests} streaming chat requests, {args.concurrency} concurrent, {args.max_tokens} tokens, "
-          f"greedy, ignore_eos; {args.adapters} rank-16 adapters; backend={args.backend}; wall {wall:.1f} s")
-    rows = [[name, g["requests"], g["tokens"], *(ms(g[k]) for k in keys[:4]), g["tok_per_s"]] for name, g in groups.items()]
-    rows.append(["adapters ÷ base", "", "", *("—" if ratios[k] is None else ratios[k] for k in keys)])
-    print_table(["requests", "n", "tokens", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms", "tok/s"], rows)
+    print(
+        f"\n{args.requests} streaming chat requests, {args.concurrency} concurrent, {args.max_tokens} tokens, "
+        f"greedy, ignore_eos; {args.adapters} rank-16 adapters; backend={args.backend}; wall {wall:.1f} s"
+    )
+    rows = [[name, g["requests"], g["tokens"], *(ms(g[k]) for k in keys), g["tok_per_s"]] for name, g in groups.items()]
+    rows.append(["adapters ÷ base", "", "", *("—" if ratios[k] is None else ratios[k] for k in keys), ""])
+    print_table(["group", "n", "tokens", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms", "tok/s"], rows)
     if errors or short:
         print(f"{len(errors)} failed, {len(short)} with fewer than {args.max_tokens} tokens: {errors[:5]}")
 
     if out_path:
         config = {k: getattr(args, k) for k in ("requests", "concurrency", "max_tokens", "adapters", "backend")}
-        write_json(out_path, {"config": config | {"model": base_id}, "wall_s": wall, "groups": groups,
-                              "ratios_adapters_over_base": ratios, "errors": errors})
+        summary = {"wall_s": wall, "groups": groups, "ratios_adapters_over_base": ratios, "errors": errors}
+        write_json(out_path, {"config": config | {"model": base_id}} | summary)
     if errors:
         sys.exit(1)
 

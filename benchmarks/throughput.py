@@ -37,9 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmar
 
 from adapters.registry import Adapter, AdapterRegistry  # noqa: E402
 from benchmarks.common import (  # noqa: E402
-    DEFAULT_CACHE_DIR,
     RESULTS_DIR,
     adapter_name,
+    add_server_args,
     chat_prompt_ids,
     make_random_adapters,
     print_table,
@@ -86,7 +86,7 @@ def run_engine(engine: Engine, prompts: list[list[int]], new_tokens: int, adapte
                     state["end"] = time.perf_counter()
                     done.set()
 
-    for i, (ids, adapter) in enumerate(zip(prompts, adapters)):
+    for i, (ids, adapter) in enumerate(zip(prompts, adapters, strict=True)):
         uses = [AdapterUse(adapter)] if adapter is not None else []
         engine.submit(GenerationRequest(f"bench-{i}", ids, params, emit, uses))
     t0 = time.perf_counter()
@@ -116,7 +116,12 @@ def run_generate(model, batch: dict[str, torch.Tensor], new_tokens: int, pad_id:
     t0 = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(
-            **batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad_id, **kwargs
+            **batch,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=pad_id,
+            **kwargs,
         )
     dt = time.perf_counter() - t0
     generated = out.shape[0] * (out.shape[1] - batch["input_ids"].shape[1])
@@ -133,6 +138,30 @@ def measure(label: str, fn: Callable[[], float], repeats: int) -> dict:
     return result
 
 
+def run_ours(base: BaseModel, backend: str, prompts, new_tokens: int, adapters, repeats: int) -> dict[str, dict]:
+    """(a) base, (b) one adapter for every row, (c) one distinct adapter per row, on our engine in process."""
+    n = len(prompts)
+    registry = AdapterRegistry()
+    registered = [registry.add(adapter_name(i), w) for i, w in enumerate(adapters)]
+    config = EngineConfig(
+        max_num_seqs=n,
+        max_model_len=max(map(len, prompts)) + new_tokens + 16,
+        lora_pages=len(adapters) + 1,  # one page per rank-16 adapter, plus the zero page
+        lora_page_size=16,
+        lora_backend=backend,
+    )
+    engine = Engine(base, config)
+    engine.warmup()
+    per_row = [registered[i % len(registered)] for i in range(n)]
+    return {
+        "a": measure("(a) engine, base", lambda: run_engine(engine, prompts, new_tokens, [None] * n), repeats),
+        "b": measure(
+            "(b) engine, 1 adapter", lambda: run_engine(engine, prompts, new_tokens, registered[:1] * n), repeats
+        ),
+        "c": measure(f"(c) engine, {n} adapters", lambda: run_engine(engine, prompts, new_tokens, per_row), repeats),
+    }
+
+
 def run_peers(args, model_path: str, prompts, new_tokens: int, adapters, repeats: int) -> dict[str, dict]:
     """(d) transformers `generate` and (e) PEFT's mixed batch, on a fresh, un-injected model copy."""
     from peft import PeftModel
@@ -141,12 +170,14 @@ def run_peers(args, model_path: str, prompts, new_tokens: int, adapters, repeats
     model, tok = peer.model, peer.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     batch = left_padded(prompts, pad_id)
-    results = {"d": measure("(d) transformers generate, base", lambda: run_generate(model, batch, new_tokens, pad_id), repeats)}
+    results = {
+        "d": measure("(d) transformers generate, base", lambda: run_generate(model, batch, new_tokens, pad_id), repeats)
+    }
     with tempfile.TemporaryDirectory(prefix="loraplex-bench-") as tmp:
         paths = write_peft_adapters(adapters, Path(tmp), base_model=model_path)
         names = [adapter_name(i) for i in range(len(paths))]
         peft_model = PeftModel.from_pretrained(model, paths[0], adapter_name=names[0])
-        for name, path in zip(names[1:], paths[1:]):
+        for name, path in zip(names[1:], paths[1:], strict=True):
             peft_model.load_adapter(path, adapter_name=name)
         peft_model.eval()
         row_names = [names[i % len(names)] for i in range(len(prompts))]
@@ -160,10 +191,8 @@ def run_peers(args, model_path: str, prompts, new_tokens: int, adapters, repeats
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default=None, help="HF model dir or hub id (default: the embedded SmolLM2-135M-Instruct)")
-    ap.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR, help="where the default model is converted")
+    add_server_args(ap)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    ap.add_argument("--backend", default="compiled", choices=["compiled", "eager"], help="the engine's LoRA backend")
     ap.add_argument("--prompts", type=int, default=16, help="batch size (one adapter per row in (c))")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3, help="measured runs after the warm-up (median reported)")
@@ -186,24 +215,8 @@ def main() -> None:
     prompts = chat_prompt_ids(base.tokenizer, n)
     model_path = resolve_model_path(args.model, args.cache_dir)
 
-    registry = AdapterRegistry()
-    registered = [registry.add(adapter_name(i), w) for i, w in enumerate(adapters)]
-    config = EngineConfig(
-        max_num_seqs=n,
-        max_model_len=max(map(len, prompts)) + new_tokens + 16,
-        lora_pages=n + 1,  # one page per rank-16 adapter, plus the zero page
-        lora_page_size=16,
-        lora_backend=args.backend,
-    )
-    engine = Engine(base, config)
-    engine.warmup()
-
-    results = {
-        "a": measure("(a) engine, base", lambda: run_engine(engine, prompts, new_tokens, [None] * n), args.repeats),
-        "b": measure("(b) engine, 1 adapter", lambda: run_engine(engine, prompts, new_tokens, [registered[0]] * n), args.repeats),
-        "c": measure(f"(c) engine, {n} adapters", lambda: run_engine(engine, prompts, new_tokens, registered), args.repeats),
-    }
-    del engine, base  # the peers get the cores and memory to themselves
+    results = run_ours(base, args.backend, prompts, new_tokens, adapters, args.repeats)
+    del base  # the peers get the memory to themselves
     if not args.skip_peer:
         results |= run_peers(args, model_path, prompts, new_tokens, adapters, args.repeats)
 
@@ -231,7 +244,9 @@ def main() -> None:
             value = ratios.get(r)
             rows.append([what, results[k]["median"], f"{mfu[k]:.1%}", r, "—" if value is None else value])
     print_table(["what", "tok/s", "MFU", "ratio", "value"], rows)
-    print(f"fp32 matmul 2048³: {gflops:.1f} GFLOP/s; {params / 1e6:.1f} M params, {adapter_params / 1e6:.2f} M per adapter")
+    print(
+        f"fp32 matmul 2048³: {gflops:.1f} GFLOP/s; {params / 1e6:.1f} M params, {adapter_params / 1e6:.2f} M per adapter"
+    )
 
     if out_path:
         write_json(

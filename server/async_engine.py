@@ -27,13 +27,17 @@ class AsyncEngine:
         self.max_waiting = max_waiting
         self.draining = False
 
+    def check_capacity(self, requests: int = 1) -> None:
+        """Raise Overloaded unless `requests` more can be queued (call before `generate`)."""
+        if self.draining:
+            raise Overloaded("the server is shutting down")
+        if self.engine.num_waiting + requests > self.max_waiting:
+            raise Overloaded("the server is overloaded: too many queued requests")
+
     async def generate(
         self, prompt_ids: list[int], params: SamplingParams, adapters: list[AdapterUse], request_id: str | None = None
     ) -> AsyncIterator[RequestOutput]:
-        if self.draining:
-            raise Overloaded("the server is shutting down")
-        if self.engine.num_waiting >= self.max_waiting:
-            raise Overloaded("the server is overloaded: too many queued requests")
+        """Submit one request and yield its outputs (after `check_capacity`)."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,7 +22,6 @@ from dataclasses import dataclass, field
 import torch
 
 from adapters.layers import LoraBatch, inject_multi_lora, layer_shape
-from adapters.ops import lora_gathered, lora_segmented
 from adapters.pool import LoraPool, PoolFull
 from adapters.registry import Adapter
 from server.kv_cache import ATTN_IMPLEMENTATION, SlotKVCache
@@ -111,23 +109,29 @@ class Engine:
         model.config._attn_implementation = ATTN_IMPLEMENTATION
         self.backbone = model.base_model
         self.lm_head = model.get_output_embeddings()
-        self.lora_batch = LoraBatch()
+        if config.lora_backend not in ("compiled", "eager"):
+            raise ValueError(f"lora_backend must be 'compiled' or 'eager', not {config.lora_backend!r}")
+        self.lora_batch = LoraBatch(check_targets=config.lora_backend == "eager")
         self.layers = inject_multi_lora(model, self.lora_batch, config.lora_pages, config.lora_page_size)
         self.pool = LoraPool(self.layers, config.lora_pages, config.lora_page_size, base.device)
-        self.cache = SlotKVCache(
-            model.config.num_hidden_layers, config.max_num_seqs, self.max_len, next(model.parameters()).dtype, base.device
-        )
         self.device = base.device
+        self.cache = SlotKVCache(config.max_num_seqs, self.max_len, next(model.parameters()).dtype, base.device)
+        kv_heads = getattr(model.config, "num_key_value_heads", None) or model.config.num_attention_heads
+        for m in model.modules():
+            if hasattr(m, "layer_idx") and hasattr(m, "head_dim"):  # the attention modules
+                self.cache.attach(m, kv_heads, m.head_dim)
+        if config.lora_backend == "compiled":
+            # regional compilation: every decoder layer runs the same compiled code (weights, LoRA
+            # pages and KV buffers are its inputs), fusing the LoRA kernels with their neighbours
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+            blocks = set(getattr(model, "_no_split_modules", None) or ())
+            for m in model.modules():
+                if type(m).__name__ in blocks:
+                    m.compile(dynamic=None)  # dims turn dynamic once they vary (warmup makes them)
         gen_eos = getattr(model.generation_config, "eos_token_id", None) if model.generation_config else None
         eos = {base.tokenizer.eos_token_id} | set(gen_eos if isinstance(gen_eos, list) else [gen_eos])
         self.eos_ids = sorted(e for e in eos if e is not None)
         self.pad_id = base.tokenizer.pad_token_id if base.tokenizer.pad_token_id is not None else (self.eos_ids or [0])[0]
-        if config.lora_backend == "compiled":
-            self._gathered = torch.compile(lora_gathered, dynamic=True)
-        elif config.lora_backend == "eager":
-            self._gathered = lora_gathered
-        else:
-            raise ValueError(f"lora_backend must be 'compiled' or 'eager', not {config.lora_backend!r}")
 
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -180,23 +184,26 @@ class Engine:
             self._thread.join(timeout)
 
     def warmup(self) -> None:
-        """One prefill and decode with and without a LoRA term, so compiles happen before traffic."""
+        """Run every kind of forward (prefill and decode, with and without LoRA pages) at several
+        sizes, so that the compiled graphs exist, shape-generic, before traffic."""
+        # batch 1 specializes apart from batch >= 2, so each gets two prompt lengths / cache lengths
+        sizes = [(n, t, kv) for n in sorted({1, min(2, self.config.max_num_seqs), min(3, self.config.max_num_seqs)})
+                 for t, kv in ((3, 3), (5, 5), (1, 4), (1, 6))]
         with torch.inference_mode():
-            ids = torch.full((1, 4), self.pad_id, dtype=torch.long, device=self.device)
-            for use_lora in (False, True):
-                for t in (4, 1):
-                    self.cache.prepare_prefill(0, 1, t) if t > 1 else self.cache.prepare_decode(
-                        torch.zeros(1, dtype=torch.long, device=self.device), 1
-                    )
-                    if use_lora:
-                        idx = torch.zeros(t, 1, dtype=torch.long, device=self.device)
-                        w = torch.zeros(t, 1, self.pool.page_size, dtype=self.cache.dtype, device=self.device)
-                        self.lora_batch.set(lambda x, a, bt, idx=idx, w=w: self._gathered(x, a, bt, idx, w), frozenset({0}))
-                        for layer in self.layers.values():
-                            layer.adapters.add(0)
-                    self._forward(ids[:, :t], torch.arange(t, device=self.device)[None], self._causal_mask(1, t))
-                    for layer in self.layers.values():
-                        layer.adapters.discard(0)
+            for pages in (None, 1, 2):
+                for n, t, kv in sizes:
+                    if t > 1:
+                        self.cache.prepare_prefill(0, n, t)
+                    else:
+                        self.cache.prepare_decode(torch.full((n,), kv - 1, dtype=torch.long, device=self.device), kv)
+                    if pages:  # page 0 is zero: a LoRA term that adds nothing
+                        idx = torch.zeros(n * t, pages, dtype=torch.long, device=self.device)
+                        w = torch.zeros(n * t, pages, self.pool.page_size, dtype=self.cache.dtype, device=self.device)
+                        self.lora_batch.set_gathered(idx, w, frozenset())
+                    ids = torch.full((n, t), self.pad_id, dtype=torch.long, device=self.device)
+                    pos = torch.arange(kv - t, kv, device=self.device)[None].repeat(n, 1)
+                    mask = torch.ones(n, 1, t, kv, dtype=torch.bool, device=self.device).tril(kv - t)
+                    self._forward(ids, pos, mask)
                     self.lora_batch.clear()
 
     # ---- engine thread ----------------------------------------------------------------------
@@ -310,8 +317,7 @@ class Engine:
             empty = torch.zeros(0, dtype=torch.long, device=self.device)
             seg_idx = [s.lora_pages if s.lora_pages is not None else empty for s in seqs]
             seg_w = [s.lora_weights if s.lora_weights is not None else empty for s in seqs]
-            bounds = [i * tokens_per_seq for i in range(len(seqs) + 1)]
-            self.lora_batch.set(lambda x, a, bt: lora_segmented(x, a, bt, seg_idx, seg_w, bounds), keys)
+            self.lora_batch.set_segmented(seg_idx, seg_w, [i * tokens_per_seq for i in range(len(seqs) + 1)], keys)
             return
         k = _bucket(max(s.lora_pages.shape[0] for s in with_lora))
         idx = torch.zeros(len(seqs), k, dtype=torch.long, device=self.device)
@@ -323,11 +329,10 @@ class Engine:
         if tokens_per_seq > 1:
             idx = idx.repeat_interleave(tokens_per_seq, dim=0)
             w = w.repeat_interleave(tokens_per_seq, dim=0)
-        gathered = self._gathered
-        self.lora_batch.set(lambda x, a, bt: gathered(x, a, bt, idx, w), keys)
+        self.lora_batch.set_gathered(idx, w, keys)
 
     def _causal_mask(self, n: int, t: int) -> torch.Tensor:
-        return torch.ones(t, t, dtype=torch.bool, device=self.device).tril()[None, None].expand(n, 1, t, t)
+        return torch.ones(t, t, dtype=torch.bool, device=self.device).tril()[None, None].repeat(n, 1, 1, 1)
 
     def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         out = self.backbone(
@@ -345,6 +350,7 @@ class Engine:
         ids = ids.to(self.device)
         positions = torch.arange(t, device=self.device)[None].expand(n, t)
         self.cache.prepare_prefill(len(self._running), n, t)
+        self._running.extend(new)  # from here on a failure answers them with the running batch
         self._set_lora(new, t, segmented=True)
         try:
             hidden = self._forward(ids, positions, self._causal_mask(n, t))
@@ -354,7 +360,6 @@ class Engine:
         for s in new:
             s.num_cached = len(s.req.prompt_ids)
             self.prompt_tokens += s.num_cached
-        self._running.extend(new)
         self._sample_and_emit(new, self.lm_head(last).float())
 
     def _decode(self) -> None:

@@ -1,12 +1,14 @@
-"""A preallocated KV cache with one row per running sequence, and the attention that reads it.
+"""A preallocated KV cache with one row per running sequence, and the attention that uses it.
 
 Like gpt-fast's static cache, sized once: `max_seqs × max_len` tokens per layer, so memory never
 grows. The engine keeps running sequences in rows 0..n-1 (it moves the last row into a finished
 row's place), so every step reads the prefix `[:n, :, :kv_len]` as a view, without copies.
 
-The cache speaks transformers' `Cache.update` protocol, and `slot_attention` is registered as
-an attention implementation, so any HF decoder that uses both (Llama, Mistral, Qwen2, GPT-2,
-...) runs unchanged on top of it; the engine passes the 4D mask itself.
+Each attention module owns its K/V buffers (`loraplex_k`, `loraplex_v`) and `slot_attention`,
+registered as a transformers attention implementation, writes the new keys and values there
+before attending (as vLLM's attention backends own the cache write). The model code stays
+unchanged for any HF decoder (Llama, Mistral, Qwen2, GPT-2, ...), and because nothing is
+indexed by layer number, one compiled decoder layer serves every layer.
 """
 
 from __future__ import annotations
@@ -18,72 +20,73 @@ from transformers import AttentionInterface
 ATTN_IMPLEMENTATION = "loraplex_slots"
 
 
+class SlotKVCache:
+    """What the next forward writes, shared by every layer; speaks the `Cache.update` protocol."""
+
+    is_compileable = False
+
+    def __init__(self, max_seqs: int, max_len: int, dtype: torch.dtype, device: torch.device):
+        self.max_seqs, self.max_len = max_seqs, max_len
+        self.dtype, self.device = dtype, device
+        self.modules: list[torch.nn.Module] = []
+        # the next forward covers cache `rows`: from position 0 (prefill, positions None) or one
+        # token each at `positions` (decode, rows 0..n-1); decode attends to kv_len positions
+        self.positions: torch.Tensor | None = None
+        self.rows: torch.Tensor | None = None
+        self.kv_len = 0
+
+    def attach(self, attention: torch.nn.Module, kv_heads: int, head_dim: int) -> None:
+        shape = (self.max_seqs, kv_heads, self.max_len, head_dim)
+        attention.register_buffer("loraplex_k", torch.zeros(shape, dtype=self.dtype, device=self.device), persistent=False)
+        attention.register_buffer("loraplex_v", torch.zeros(shape, dtype=self.dtype, device=self.device), persistent=False)
+        attention.loraplex_cache = self
+        self.modules.append(attention)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(m.loraplex_k.nbytes + m.loraplex_v.nbytes for m in self.modules)
+
+    def prepare_prefill(self, row0: int, n: int, length: int) -> None:
+        """Next forward: rows row0..row0+n-1, tokens at positions 0..length-1."""
+        self.positions, self.kv_len = None, length
+        self.rows = torch.arange(row0, row0 + n, device=self.device)
+
+    def prepare_decode(self, positions: torch.Tensor, kv_len: int) -> None:
+        """Next forward: rows 0..len(positions)-1, one token each, at `positions`."""
+        self.positions, self.kv_len = positions, kv_len
+        self.rows = torch.arange(positions.shape[0], device=positions.device)
+
+    def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
+        return key_states, value_states  # slot_attention writes them into the module's buffers
+
+    def move_row(self, src: int, dst: int, length: int) -> None:
+        """Copy sequence row `src` into row `dst` (compaction after `dst` finished)."""
+        for m in self.modules:
+            m.loraplex_k[dst, :, :length] = m.loraplex_k[src, :, :length]
+            m.loraplex_v[dst, :, :length] = m.loraplex_v[src, :, :length]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.kv_len
+
+
 def slot_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """SDPA over the cache view; GQA without materialising repeated K/V."""
+    """Write this step's K/V into the module's cache rows, then SDPA (prefill: over the fresh K/V)."""
+    c: SlotKVCache = module.loraplex_cache
+    kb, vb = module.loraplex_k, module.loraplex_v
+    if c.positions is None:  # prefill from position 0: attend to the fresh K/V, store them
+        t = key.shape[2]
+        kb[c.rows, :, :t] = key
+        vb[c.rows, :, :t] = value
+        k, v = key, value
+    else:
+        n = query.shape[0]
+        kb[c.rows, :, c.positions] = key[:, :, 0]
+        vb[c.rows, :, c.positions] = value[:, :, 0]
+        k, v = kb[:n, :, : c.kv_len], vb[:n, :, : c.kv_len]
     out = F.scaled_dot_product_attention(
-        query, key, value, attn_mask=attention_mask, scale=scaling, enable_gqa=key.shape[1] != query.shape[1]
+        query, k, v, attn_mask=attention_mask, scale=scaling, enable_gqa=k.shape[1] != query.shape[1]
     )
     return out.transpose(1, 2).contiguous(), None
 
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, slot_attention)
-
-
-class SlotKVCache:
-    """Per-layer K/V of shape (max_seqs, kv_heads, max_len, head_dim), allocated at first use."""
-
-    is_compileable = False
-
-    def __init__(self, num_layers: int, max_seqs: int, max_len: int, dtype: torch.dtype, device: torch.device):
-        self.max_seqs, self.max_len = max_seqs, max_len
-        self.dtype, self.device = dtype, device
-        self.keys: list[torch.Tensor | None] = [None] * num_layers
-        self.values: list[torch.Tensor | None] = [None] * num_layers
-        # what the next forward writes: rows [row0, row0 + n), at `positions` (decode) or from 0 (prefill)
-        self._row0 = 0
-        self._n = 0
-        self._positions: torch.Tensor | None = None
-        self._kv_len = 0
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.keys + self.values if t is not None)
-
-    def prepare_prefill(self, row0: int, n: int, length: int) -> None:
-        """Next forward: rows row0..row0+n-1, tokens at positions 0..length-1."""
-        self._row0, self._n, self._positions, self._kv_len = row0, n, None, length
-
-    def prepare_decode(self, positions: torch.Tensor, kv_len: int) -> None:
-        """Next forward: rows 0..len(positions)-1, one token each, at `positions`."""
-        self._row0, self._n, self._positions, self._kv_len = 0, positions.shape[0], positions, kv_len
-        self._rows = torch.arange(positions.shape[0], device=positions.device)
-
-    def _allocate(self, layer_idx: int, like: torch.Tensor) -> None:
-        shape = (self.max_seqs, like.shape[1], self.max_len, like.shape[3])
-        self.keys[layer_idx] = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        self.values[layer_idx] = torch.zeros(shape, dtype=self.dtype, device=self.device)
-
-    def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
-        # key_states: (n, kv_heads, T, head_dim)
-        if self.keys[layer_idx] is None:
-            self._allocate(layer_idx, key_states)
-        k, v = self.keys[layer_idx], self.values[layer_idx]
-        rows = slice(self._row0, self._row0 + self._n)
-        if self._positions is None:
-            t = key_states.shape[2]
-            k[rows, :, :t] = key_states
-            v[rows, :, :t] = value_states
-        else:
-            k[self._rows, :, self._positions] = key_states[:, :, 0]
-            v[self._rows, :, self._positions] = value_states[:, :, 0]
-        return k[rows, :, : self._kv_len], v[rows, :, : self._kv_len]
-
-    def move_row(self, src: int, dst: int, length: int) -> None:
-        """Copy sequence row `src` into row `dst` (compaction after `dst` finished)."""
-        for k, v in zip(self.keys, self.values):
-            if k is not None:
-                k[dst, :, :length] = k[src, :, :length]
-                v[dst, :, :length] = v[src, :, :length]
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self._kv_len

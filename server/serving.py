@@ -94,7 +94,7 @@ class Serving:
         if isinstance(p, str):
             prompts = [p]
         elif p and all(isinstance(t, int) for t in p):
-            return [list(p)]
+            prompts = [list(p)]
         else:
             prompts = list(p)
         if not prompts:
@@ -121,13 +121,12 @@ class Serving:
         params = [self._params(req, len(p), max_tokens, logprobs, j) for p in prompts for j in range(req.n)]
         label = self.metrics.adapter_label(req.model if uses else "base")
         self.metrics.adapter_requests.labels(label).inc()
-        queue: asyncio.Queue = asyncio.Queue()
-        gens = []
         try:
-            for i, sp in enumerate(params):
-                gens.append(self.engine.generate(prompts[i // req.n], sp, uses))
+            self.engine.check_capacity(len(params))
         except Overloaded as e:
             raise APIError(503, str(e), "server_error", headers={"Retry-After": "1"}) from None
+        queue: asyncio.Queue = asyncio.Queue()
+        gens = [self.engine.generate(prompts[i // req.n], sp, uses) for i, sp in enumerate(params)]
 
         async def pump(i: int, gen) -> None:
             async for out in gen:

@@ -9,7 +9,6 @@ from tiny import make_peft_adapter
 from transformers import AutoModelForCausalLM
 
 from adapters.layers import LoraBatch, inject_multi_lora, layer_shape
-from adapters.ops import lora_gathered
 from adapters.peft_io import check_fits, load_peft_adapter
 from adapters.pool import LoraPool
 from adapters.registry import AdapterRegistry
@@ -46,7 +45,7 @@ def set_rows(batch, adapters, pages_of, row_adapter: list[int | None], tokens: i
             idx[i, : len(pages_of[a])] = pages_of[a]
             w[i, : len(pages_of[a])] = 1.0
     idx, w = idx.repeat_interleave(tokens, 0), w.repeat_interleave(tokens, 0)
-    batch.set(lambda x, a, bt: lora_gathered(x, a, bt, idx, w), frozenset(a.key for a in adapters))
+    batch.set_gathered(idx, w, frozenset(a.key for a in adapters))
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])

@@ -13,7 +13,7 @@ from server.settings import Settings
 def default_server(tmp_path_factory):
     # the converted model is cached in the repo's data dir, shared with `make serve`
     live = start_server(Settings(data_dir=tmp_path_factory.mktemp("data"), cache_dir=REPO / ".loraplex" / "cache",
-                                 max_num_seqs=4, max_model_len=512), timeout=300)
+                                 max_num_seqs=4, max_model_len=512, lora_backend="eager"), timeout=300)
     yield live
     live.stop()
 
