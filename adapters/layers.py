@@ -15,14 +15,16 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from adapters.ops import lora_gathered, lora_segmented
+from adapters.ops import lora_batched, lora_gathered
+
 
 class LoraBatch:
     """The token→pages map of one forward pass, shared by every MultiLoraLinear of a model.
 
-    Either gathered (`idx` (N, K), `weights` (N, K, G): one row per token) or segmented
-    (`segments` = (pages per request, weights per request, token bounds)), as in adapters.ops.
-    It holds tensors, not callables, so a compiled forward sees the same code every step.
+    `idx` (R, K) and `weights` (R, K, G) as in adapters.ops, with one row per token (decode:
+    `per_request` False) or one row per request whose tokens are consecutive runs of equal length
+    (prefill: `per_request` True). It holds tensors, not callables, so a compiled forward sees
+    the same code every step.
     """
 
     def __init__(self, check_targets: bool = True) -> None:
@@ -30,16 +32,13 @@ class LoraBatch:
         self.check_targets = check_targets
         self.clear()
 
-    def set_gathered(self, idx: torch.Tensor, weights: torch.Tensor, adapters: frozenset[int]) -> None:
-        self.idx, self.weights, self.segments, self.adapters = idx, weights, None, adapters
-
-    def set_segmented(self, seg_idx: list[torch.Tensor], seg_weights: list[torch.Tensor], bounds: list[int],
-                      adapters: frozenset[int]) -> None:
-        self.idx, self.weights, self.segments, self.adapters = None, None, (seg_idx, seg_weights, bounds), adapters
+    def set(self, idx: torch.Tensor, weights: torch.Tensor, adapters: frozenset[int], per_request: bool) -> None:
+        self.idx, self.weights, self.adapters, self.per_request = idx, weights, adapters, per_request
 
     def clear(self) -> None:
-        self.idx = self.weights = self.segments = None
+        self.idx = self.weights = None
         self.adapters: frozenset[int] = frozenset()
+        self.per_request = False
 
 
 def layer_shape(layer: nn.Module) -> tuple[int, int]:
@@ -67,15 +66,11 @@ class MultiLoraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
         b = self.batch
-        if b.idx is None and b.segments is None:
-            return y
-        if b.check_targets and self.adapters.isdisjoint(b.adapters):
+        if b.idx is None or (b.check_targets and self.adapters.isdisjoint(b.adapters)):
             return y
         x2 = x.reshape(-1, self.in_features)  # (N, in) — N tokens flattened across the batch
-        if b.segments is not None:
-            delta = lora_segmented(x2, self.lora_a, self.lora_bt, *b.segments)
-        else:
-            delta = lora_gathered(x2, self.lora_a, self.lora_bt, b.idx, b.weights)
+        op = lora_batched if b.per_request else lora_gathered
+        delta = op(x2, self.lora_a, self.lora_bt, b.idx, b.weights)
         return y + delta.view(y.shape).to(y.dtype)
 
     def write_rows(self, key: int, rows: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> None:

@@ -47,26 +47,17 @@ def lora_gathered(
     return (lora_bt[idx] * xa[..., None]).sum((1, 2))
 
 
-def lora_segmented(
-    x: torch.Tensor,
-    lora_a: torch.Tensor,
-    lora_bt: torch.Tensor,
-    seg_idx: list[torch.Tensor],
-    seg_weights: list[torch.Tensor],
-    bounds: list[int],
+def lora_batched(
+    x: torch.Tensor, lora_a: torch.Tensor, lora_bt: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor
 ) -> torch.Tensor:
-    """Tokens in contiguous segments that share their rows (Punica's SGMV): one GEMM pair each.
+    """Tokens in n equal runs of T, each run one request with its own pages (prefill): one BGEMM pair.
 
-    Segment k covers tokens bounds[k]:bounds[k+1] and uses pages seg_idx[k] (K_k,) with row
-    weights seg_weights[k] (K_k, G); an empty segment (base tokens) is skipped. The loop runs
-    over segments (requests in a prefill), each a real matrix multiply.
+    idx (n, K) and weights (n, K, G) are per request; x is (n·T, in). Each request's pages are
+    gathered once (K·G rows, not once per token) and two batched matmuls do the rest. The same
+    value as `lora_gathered` with every request's row repeated T times.
     """
-    out = x.new_zeros(x.shape[0], lora_bt.shape[-1])
-    for k, pages in enumerate(seg_idx):
-        if pages.numel() == 0:
-            continue
-        lo, hi = bounds[k], bounds[k + 1]
-        a = lora_a[pages].flatten(0, 1)  # (K_k·G, in)
-        bt = lora_bt[pages].flatten(0, 1)  # (K_k·G, out)
-        out[lo:hi] = ((x[lo:hi] @ a.T) * seg_weights[k].flatten()) @ bt
-    return out
+    n = idx.shape[0]
+    a = lora_a[idx].flatten(1, 2)  # (n, K·G, in)
+    bt = lora_bt[idx].flatten(1, 2)  # (n, K·G, out)
+    xa = torch.bmm(x.view(n, -1, x.shape[1]), a.transpose(1, 2)) * weights.flatten(1)[:, None, :]  # (n, T, K·G)
+    return torch.bmm(xa, bt).flatten(0, 1)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 CONFIG_NAME = "adapter_config.json"
@@ -225,3 +225,17 @@ def save_peft_adapter(weights: LoraWeights, directory: Path, base_model: str | N
     } | carried
     save_file(tensors, str(directory / WEIGHTS_NAME))
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2))
+
+
+def describe_peft_adapter(directory: Path) -> tuple[int, float, list[str]]:
+    """(rank, alpha, target modules) of a stored adapter, from its config and the safetensors
+    header only: registering thousands of stored adapters reads no weights."""
+    config = read_config(Path(directory) / CONFIG_NAME)
+    ranks, modules = [], set()
+    with safe_open(Path(directory) / WEIGHTS_NAME, framework="pt") as f:
+        for key in f.keys():
+            m = _KEY_RE.match(key.removeprefix(KEY_PREFIX))
+            if m and m["which"] == "A":
+                ranks.append(f.get_slice(key).get_shape()[0])
+                modules.add(m["module"].rsplit(".", 1)[-1])
+    return max(ranks, default=0), config.get("lora_alpha", 8), sorted(modules)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from adapters.layers import MultiLoraLinear
+from adapters.peft_io import LoraWeights
 from adapters.registry import Adapter
 
 
@@ -26,6 +27,7 @@ class PoolFull(RuntimeError):
 @dataclass
 class _Resident:
     adapter: Adapter
+    weights: LoraWeights
     pages: torch.Tensor
     users: int = 0
 
@@ -53,14 +55,14 @@ class LoraPool:
     def pages_for(self, rank: int) -> int:
         return max(1, -(-rank // self.page_size))
 
-    def acquire(self, adapter: Adapter) -> tuple[torch.Tensor, int]:
-        """Make `adapter` resident and count one more user; returns (its pages, its rank)."""
+    def acquire(self, adapter: Adapter, weights: LoraWeights) -> torch.Tensor:
+        """Make `adapter` (whose host weights are `weights`) resident and count one more user; returns its pages."""
         res = self._resident.get(adapter.key)
         if res is None:
-            res = self._load(adapter)
+            res = self._load(adapter, weights)
         res.users += 1
         self._resident.move_to_end(adapter.key)
-        return res.pages, adapter.weights.rank
+        return res.pages
 
     def release(self, adapter: Adapter) -> None:
         res = self._resident[adapter.key]
@@ -68,8 +70,8 @@ class LoraPool:
         if res.users == 0 and adapter.retired:
             self._unload(adapter.key)
 
-    def _load(self, adapter: Adapter) -> _Resident:
-        need = self.pages_for(adapter.weights.rank)
+    def _load(self, adapter: Adapter, weights: LoraWeights) -> _Resident:
+        need = self.pages_for(weights.rank)
         if need > self.pages - 1:
             raise PoolFull(f"adapter {adapter.name!r} needs {need} pages, the pool has {self.pages - 1}")
         while len(self._free) < need:
@@ -80,16 +82,16 @@ class LoraPool:
             self.evictions += 1
         pages = torch.tensor([self._free.pop() for _ in range(need)], dtype=torch.long, device=self.device)
         rows = (pages[:, None] * self.page_size + torch.arange(self.page_size, device=self.device)).flatten()
-        for module, lm in adapter.weights.modules.items():
+        for module, lm in weights.modules.items():
             self.layers[module].write_rows(adapter.key, rows[: lm.rank], lm.lora_a, lm.lora_b, lm.scaling)
-        res = _Resident(adapter=adapter, pages=pages)
+        res = _Resident(adapter=adapter, weights=weights, pages=pages)
         self._resident[adapter.key] = res
         self.loads += 1
         return res
 
     def _unload(self, key: int) -> None:
         res = self._resident.pop(key)
-        for module in res.adapter.weights.modules:
+        for module in res.weights.modules:
             self.layers[module].clear_pages(key, res.pages)
         self._free.extend(res.pages.tolist())
 

@@ -16,12 +16,15 @@ from pathlib import Path
 import torch
 from fastapi import FastAPI
 
-from adapters.peft_io import AdapterError, check_fits, load_peft_adapter
+from adapters.names import is_valid_name
+from adapters.peft_io import AdapterError, check_fits, describe_peft_adapter, load_peft_adapter
 from adapters.registry import AdapterRegistry
+from adapters.store import AdapterStore
 from server.async_engine import AsyncEngine
 from server.auth import load_api_keys
 from server.engine import Engine
 from server.errors import install_error_handlers
+from server.limits import BodySizeLimit
 from server.metrics import Metrics
 from server.model import BaseModel, load_base_model
 from server.serving import Serving
@@ -35,8 +38,10 @@ class AppState:
     """Everything the routes reach, filled in once the model is loaded."""
 
     settings: Settings
+    store: AdapterStore
+    registry: AdapterRegistry
     metrics: Metrics = field(default_factory=Metrics)
-    registry: AdapterRegistry = field(default_factory=AdapterRegistry)
+    name_locks: dict = field(default_factory=dict)  # adapter name → asyncio.Lock for writes
     api_keys: dict[str, set[str]] | None = None
     base: BaseModel | None = None
     engine: Engine | None = None
@@ -52,13 +57,24 @@ def load_adapter_dir(state: AppState, directory: Path) -> None:
     for sub in sorted(p for p in directory.iterdir() if p.is_dir()):
         if not (sub / "adapter_config.json").exists():
             continue
+        if not is_valid_name(sub.name):
+            log.error("skipping adapter directory %s: not a valid adapter name", sub.name)
+            continue
         try:
             weights = load_peft_adapter(sub)
             check_fits(weights, state.engine.layer_shapes(), state.settings.max_lora_rank)
-            state.registry.add(sub.name, weights)
+            state.registry.add(sub.name, weights, path=sub)
             log.info("loaded adapter %s (rank %d)", sub.name, weights.rank)
         except AdapterError as e:
             log.error("skipping adapter %s: %s", sub.name, e)
+
+
+def load_store(state: AppState) -> None:
+    """Register the uploaded adapters kept in the store (validated at upload; weights read on use)."""
+    for stored in state.store.load_all():
+        rank, alpha, targets = describe_peft_adapter(stored.path)
+        state.registry.add_stored(stored.name, stored.version, rank, alpha, targets, path=stored.path,
+                                  sha256=stored.sha256, size_bytes=stored.size_bytes, created_at=stored.created_at)
 
 
 def start_engine(state: AppState) -> None:
@@ -69,12 +85,14 @@ def start_engine(state: AppState) -> None:
             torch.set_num_threads(s.threads)
         state.base = load_base_model(s.model, cache_dir=s.model_cache_dir, device=s.device, dtype=s.dtype, max_model_len=s.max_model_len)
         state.engine = Engine(state.base, s.engine_config())
+        load_store(state)
         if s.adapter_dir:
             load_adapter_dir(state, s.adapter_dir)
         state.engine.warmup()
         state.engine.start()
         state.async_engine = AsyncEngine(state.engine, state.metrics, s.max_waiting)
-        state.serving = Serving(state.base, state.async_engine, state.registry, state.engine.max_len)
+        state.serving = Serving(state.base, state.async_engine, state.registry, state.engine.max_len,
+                                state.engine.layer_shapes())
         e, pool = state.engine, state.engine.pool
         state.metrics.bind(
             waiting=lambda: e.num_waiting,
@@ -92,7 +110,12 @@ def start_engine(state: AppState) -> None:
 
 
 def create_app(settings: Settings, *, load_in_background: bool = True) -> FastAPI:
-    state = AppState(settings=settings, api_keys=load_api_keys(settings.api_keys_file))
+    state = AppState(
+        settings=settings,
+        store=AdapterStore(settings.data_dir / "adapters"),
+        registry=AdapterRegistry(host_bytes=settings.host_adapter_bytes),
+        api_keys=load_api_keys(settings.api_keys_file),
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -111,7 +134,10 @@ def create_app(settings: Settings, *, load_in_background: bool = True) -> FastAP
     app = FastAPI(title="loraplex", lifespan=lifespan)
     app.state.loraplex = state
     install_error_handlers(app)
-    from server import api  # routes import the app state helpers; imported here to keep layering one-way
+    app.add_middleware(BodySizeLimit, default=settings.max_request_bytes,
+                       per_path={"/v1/adapters": settings.max_upload_bytes})
+    from server import api, api_adapters  # the routes reach the state through the app
 
     app.include_router(api.router)
+    app.include_router(api_adapters.router)
     return app

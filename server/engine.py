@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from adapters.layers import LoraBatch, inject_multi_lora, layer_shape
+from adapters.peft_io import LoraWeights
 from adapters.pool import LoraPool, PoolFull
 from adapters.registry import Adapter
 from server.kv_cache import ATTN_IMPLEMENTATION, SlotKVCache
@@ -47,15 +48,16 @@ class EngineConfig:
     lora_page_size: int = 16
     """Rank rows per page."""
     lora_backend: str = "compiled"
-    """'compiled' (torch.compile'd gathered kernel) or 'eager' (segmented prefill, gathered decode)."""
+    """'compiled' (decoder layers compiled by torch.compile, LoRA kernels fused in) or 'eager'."""
 
 
 @dataclass
 class AdapterUse:
-    """An adapter a request applies, with its weight (1.0 unless composing)."""
+    """An adapter a request applies, with its weight (1.0 unless composing) and its host weights."""
 
     adapter: Adapter
     weight: float = 1.0
+    lora: LoraWeights | None = None  # pinned by the request; defaults to the adapter's host copy
 
 
 @dataclass
@@ -197,9 +199,9 @@ class Engine:
                     else:
                         self.cache.prepare_decode(torch.full((n,), kv - 1, dtype=torch.long, device=self.device), kv)
                     if pages:  # page 0 is zero: a LoRA term that adds nothing
-                        idx = torch.zeros(n * t, pages, dtype=torch.long, device=self.device)
-                        w = torch.zeros(n * t, pages, self.pool.page_size, dtype=self.cache.dtype, device=self.device)
-                        self.lora_batch.set_gathered(idx, w, frozenset())
+                        idx = torch.zeros(n, pages, dtype=torch.long, device=self.device)
+                        w = torch.zeros(n, pages, self.pool.page_size, dtype=self.cache.dtype, device=self.device)
+                        self.lora_batch.set(idx, w, frozenset(), per_request=t > 1)
                     ids = torch.full((n, t), self.pad_id, dtype=torch.long, device=self.device)
                     pos = torch.arange(kv - t, kv, device=self.device)[None].repeat(n, 1)
                     mask = torch.ones(n, 1, t, kv, dtype=torch.bool, device=self.device).tril(kv - t)
@@ -292,7 +294,10 @@ class Engine:
         pages, weights = [], []
         try:
             for use in uses:
-                p, _ = self.pool.acquire(use.adapter)
+                lora = use.lora or use.adapter.weights
+                if lora is None:
+                    raise PoolFull(f"the weights of adapter {use.adapter.name!r} are not in memory")
+                p = self.pool.acquire(use.adapter, lora)
                 seq.acquired.append(use.adapter)
                 pages.append(p)
                 weights.append(torch.full((p.shape[0], self.pool.page_size), use.weight, dtype=self.cache.dtype, device=self.device))
@@ -306,18 +311,11 @@ class Engine:
             self.pool.release(adapter)
         seq.acquired = []
 
-    def _set_lora(self, seqs: list[_Sequence], tokens_per_seq: int, segmented: bool) -> None:
-        """Tell every multi-LoRA layer which pool pages each token of this forward uses."""
+    def _set_lora(self, seqs: list[_Sequence], per_request: bool) -> None:
+        """Tell every multi-LoRA layer which pool pages each sequence of this forward uses."""
         with_lora = [s for s in seqs if s.lora_pages is not None]
         if not with_lora:
             self.lora_batch.clear()
-            return
-        keys = frozenset(a.key for s in with_lora for a in s.acquired)
-        if segmented and self.config.lora_backend == "eager":
-            empty = torch.zeros(0, dtype=torch.long, device=self.device)
-            seg_idx = [s.lora_pages if s.lora_pages is not None else empty for s in seqs]
-            seg_w = [s.lora_weights if s.lora_weights is not None else empty for s in seqs]
-            self.lora_batch.set_segmented(seg_idx, seg_w, [i * tokens_per_seq for i in range(len(seqs) + 1)], keys)
             return
         k = _bucket(max(s.lora_pages.shape[0] for s in with_lora))
         idx = torch.zeros(len(seqs), k, dtype=torch.long, device=self.device)
@@ -326,10 +324,7 @@ class Engine:
             if s.lora_pages is not None:
                 idx[i, : s.lora_pages.shape[0]] = s.lora_pages
                 w[i, : s.lora_weights.shape[0]] = s.lora_weights
-        if tokens_per_seq > 1:
-            idx = idx.repeat_interleave(tokens_per_seq, dim=0)
-            w = w.repeat_interleave(tokens_per_seq, dim=0)
-        self.lora_batch.set_gathered(idx, w, keys)
+        self.lora_batch.set(idx, w, frozenset(a.key for s in with_lora for a in s.acquired), per_request)
 
     def _causal_mask(self, n: int, t: int) -> torch.Tensor:
         return torch.ones(t, t, dtype=torch.bool, device=self.device).tril()[None, None].repeat(n, 1, 1, 1)
@@ -351,7 +346,7 @@ class Engine:
         positions = torch.arange(t, device=self.device)[None].expand(n, t)
         self.cache.prepare_prefill(len(self._running), n, t)
         self._running.extend(new)  # from here on a failure answers them with the running batch
-        self._set_lora(new, t, segmented=True)
+        self._set_lora(new, per_request=True)
         try:
             hidden = self._forward(ids, positions, self._causal_mask(n, t))
         finally:
@@ -369,7 +364,7 @@ class Engine:
         kv_len = int(positions.max()) + 1
         mask = (torch.arange(kv_len, device=self.device)[None] <= positions[:, None])[:, None, None, :]
         self.cache.prepare_decode(positions, kv_len)
-        self._set_lora(seqs, 1, segmented=False)
+        self._set_lora(seqs, per_request=False)
         try:
             hidden = self._forward(ids, positions[:, None], mask)
         finally:

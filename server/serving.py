@@ -33,8 +33,10 @@ class _Choice:
 
 
 class Serving:
-    def __init__(self, base: BaseModel, engine: AsyncEngine, registry: AdapterRegistry, max_model_len: int):
+    def __init__(self, base: BaseModel, engine: AsyncEngine, registry: AdapterRegistry, max_model_len: int,
+                 layer_shapes: dict[str, tuple[int, int]]):
         self.base = base
+        self.layer_shapes = layer_shapes
         self.tokenizer = base.tokenizer
         self.engine = engine
         self.registry = registry
@@ -43,18 +45,21 @@ class Serving:
 
     # ---- request → engine -------------------------------------------------------------------
 
-    def resolve_adapters(self, req: CompletionRequest | ChatCompletionRequest) -> list[AdapterUse]:
-        uses = []
+    async def resolve_adapters(self, req: CompletionRequest | ChatCompletionRequest) -> list[AdapterUse]:
+        """The adapters a request names, with their weights (read from disk if the host tier dropped them)."""
+        named: list[tuple[str, float, str]] = []
         if req.model != self.base.model_id:
+            named.append((req.model, 1.0, "model"))
+        named += [(a.name, a.weight, "adapters") for a in req.adapters or ()]
+        uses = []
+        for name, weight, param in named:
             try:
-                uses.append(AdapterUse(self.registry.get(req.model)))
+                adapter = self.registry.get(name)
             except AdapterNotFound:
-                raise APIError(404, f"The model '{req.model}' does not exist.", "invalid_request_error", "model", "model_not_found") from None
-        for a in req.adapters or ():
-            try:
-                uses.append(AdapterUse(self.registry.get(a.name), a.weight))
-            except AdapterNotFound:
-                raise APIError(404, f"The adapter '{a.name}' does not exist.", "invalid_request_error", "adapters", "model_not_found") from None
+                what = "model" if param == "model" else "adapter"
+                raise APIError(404, f"The {what} '{name}' does not exist.", "invalid_request_error", param, "model_not_found") from None
+            lora = adapter.weights or await asyncio.to_thread(self.registry.weights_of, adapter)
+            uses.append(AdapterUse(adapter, weight, lora))
         return uses
 
     def _check(self, req: CompletionRequest | ChatCompletionRequest) -> None:
@@ -184,7 +189,7 @@ class Serving:
             raise APIError(status, out.error, "server_error")
 
     async def complete(self, req: CompletionRequest) -> dict:
-        uses = self.resolve_adapters(req)
+        uses = await self.resolve_adapters(req)
         prompts = self.completion_prompts(req)
         choices = [_Choice(i, len(prompts[i // req.n])) for i in range(len(prompts) * req.n)]
         async for i, out in self._run(prompts, req, req.max_tokens, req.logprobs, uses):
@@ -209,7 +214,7 @@ class Serving:
         }
 
     async def chat(self, req: ChatCompletionRequest) -> dict:
-        uses = self.resolve_adapters(req)
+        uses = await self.resolve_adapters(req)
         prompt = self.chat_prompt(req)
         k = (req.top_logprobs or 0) if req.logprobs else None
         choices = [_Choice(i, len(prompt)) for i in range(req.n)]
@@ -239,7 +244,7 @@ class Serving:
 
     async def stream_completion(self, req: CompletionRequest) -> AsyncIterator[dict]:
         """Validate eagerly (errors before the stream starts become HTTP errors), then stream."""
-        uses = self.resolve_adapters(req)
+        uses = await self.resolve_adapters(req)
         prompts = self.completion_prompts(req)
         run = self._run(prompts, req, req.max_tokens, req.logprobs, uses)
         first = await anext(run)  # starts the engine requests; raises APIError before any byte is sent
@@ -292,7 +297,7 @@ class Serving:
             }
 
     async def stream_chat(self, req: ChatCompletionRequest) -> AsyncIterator[dict]:
-        uses = self.resolve_adapters(req)
+        uses = await self.resolve_adapters(req)
         prompt = self.chat_prompt(req)
         k = (req.top_logprobs or 0) if req.logprobs else None
         run = self._run([prompt], req, req.max_completion_tokens or req.max_tokens, k, uses)

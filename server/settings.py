@@ -51,6 +51,12 @@ class Settings(BaseSettings):
     """Rank rows per LoRA page."""
     max_lora_rank: int = Field(64, ge=1)
     """Largest adapter rank accepted."""
+    max_upload_bytes: int = Field(512 * 2**20, ge=1024)
+    """Largest adapter upload (body, and an archive's decompressed size)."""
+    max_request_bytes: int = Field(16 * 2**20, ge=1024)
+    """Largest JSON request body elsewhere."""
+    host_adapter_bytes: int = Field(4 * 2**30, ge=0)
+    """Host-memory budget for adapter weights; beyond it the least recently used are re-read from disk."""
     lora_backend: str = "compiled"
     """'compiled' (torch.compile'd gathered kernel) or 'eager'."""
     threads: int | None = None

@@ -32,7 +32,7 @@ def load_into_pool(model_dir, adapter_dirs, pages=10, page_size=8):
         w = load_peft_adapter(d)
         check_fits(w, shapes, 64)
         adapters.append(registry.add(f"a{i}", w))
-    pages_of = [pool.acquire(a)[0] for a in adapters]
+    pages_of = [pool.acquire(a, a.weights) for a in adapters]
     return model, batch, adapters, pages_of
 
 
@@ -44,8 +44,7 @@ def set_rows(batch, adapters, pages_of, row_adapter: list[int | None], tokens: i
         if a is not None:
             idx[i, : len(pages_of[a])] = pages_of[a]
             w[i, : len(pages_of[a])] = 1.0
-    idx, w = idx.repeat_interleave(tokens, 0), w.repeat_interleave(tokens, 0)
-    batch.set_gathered(idx, w, frozenset(a.key for a in adapters))
+    batch.set(idx, w, frozenset(a.key for a in adapters), per_request=tokens > 1)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adapters.ops import lora_gathered, lora_reference, lora_segmented
+from adapters.ops import lora_batched, lora_gathered, lora_reference
 
 G = 8  # rows per page in these tests
 
@@ -70,7 +70,7 @@ def test_mixed_ranks_base_rows_and_composition():
     torch.testing.assert_close(ref[4], 0.5 * single[0] - 1.5 * single[1], rtol=1e-4, atol=1e-4)
 
 
-def test_segmented_matches_reference():
+def test_batched_prefill_matches_reference():
     a, bt, owned = make_pool(16, 16, 12, [4, 12, 8])
     seqs = [[(0, 1.0)], [], [(1, 1.0)], [(2, 0.7), (0, 0.3)]]
     t = 5  # tokens per sequence, as in a padded prefill
@@ -78,14 +78,8 @@ def test_segmented_matches_reference():
     x = torch.randn(len(choice), 16)
     idx, w = token_map(owned, choice)
     ref = lora_reference(x, a, bt, idx, w)
-    seg_idx, seg_w = [], []
-    for c in seqs:
-        i1, w1 = token_map(owned, [c])
-        n = sum(len(owned[ad]) for ad, _ in c)
-        seg_idx.append(i1[0, :n])
-        seg_w.append(w1[0, :n])
-    out = lora_segmented(x, a, bt, seg_idx, seg_w, [i * t for i in range(len(seqs) + 1)])
-    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    per_request_idx, per_request_w = token_map(owned, seqs)
+    torch.testing.assert_close(lora_batched(x, a, bt, per_request_idx, per_request_w), ref, rtol=1e-4, atol=1e-4)
 
 
 def test_compiled_gathered_matches_reference():
