@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import tarfile
 import zipfile
+import zlib
 from pathlib import Path, PurePosixPath
 
 from adapters.peft_io import CONFIG_NAME, WEIGHTS_NAME, AdapterError
@@ -45,6 +46,13 @@ def _copy_capped(src, dest: Path, budget: list[int]) -> None:
 
 def extract_adapter_archive(archive: Path, dest: Path, max_bytes: int) -> None:
     """Extract the PEFT files of `archive` into `dest`; raises AdapterError listing every problem."""
+    try:
+        _extract(archive, dest, max_bytes)
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, OSError) as e:
+        raise AdapterError([f"the archive is corrupt ({e.__class__.__name__})"]) from None
+
+
+def _extract(archive: Path, dest: Path, max_bytes: int) -> None:
     problems: list[str] = []
     budget = [max_bytes]
     if zipfile.is_zipfile(archive):

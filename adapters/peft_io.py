@@ -78,6 +78,21 @@ def _pattern_value(patterns: dict, module: str, default):
     return default
 
 
+def _check_pattern(config: dict, key: str) -> list[str]:
+    patterns = config.get(key) or {}
+    if not isinstance(patterns, dict):
+        return [f"{key} must be an object mapping module patterns to values"]
+    problems = []
+    for k, v in patterns.items():
+        try:
+            re.compile(k)
+        except re.error:
+            problems.append(f"{key} has an invalid pattern {k!r}")
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
+            problems.append(f"{key}[{k!r}] must be a positive number")
+    return problems
+
+
 def module_scaling(config: dict, module: str, rank: int) -> float:
     """α_m / r_m (or α_m / √r_m with rsLoRA), with PEFT's per-module pattern overrides."""
     alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", 8))
@@ -98,8 +113,9 @@ def _check_config(config: object) -> list[str]:
     if config.get("bias", "none") != "none" or config.get("lora_bias"):
         problems.append("LoRA bias terms (bias != 'none' or lora_bias) are not supported")
     for key in ("r", "lora_alpha"):
-        if key in config and not isinstance(config[key], (int, float)):
+        if key in config and (not isinstance(config[key], (int, float)) or isinstance(config[key], bool)):
             problems.append(f"{key} must be a number")
+    problems += _check_pattern(config, "rank_pattern") + _check_pattern(config, "alpha_pattern")
     return problems
 
 
@@ -114,8 +130,11 @@ def read_config(path: Path) -> dict:
     return config
 
 
-def load_peft_adapter(directory: Path) -> LoraWeights:
-    """Read a PEFT adapter directory; raises AdapterError listing every format problem."""
+def load_peft_adapter(
+    directory: Path, shapes: dict[str, tuple[int, int]] | None = None, max_rank: int | None = None
+) -> LoraWeights:
+    """Read a PEFT adapter directory, and check it against the base model's adaptable layers
+    {module: (in, out)} when `shapes` is given; raises AdapterError listing every problem."""
     directory = Path(directory)
     problems: list[str] = []
     if (directory / "adapter_model.bin").exists() and not (directory / WEIGHTS_NAME).exists():
@@ -167,17 +186,22 @@ def load_peft_adapter(directory: Path) -> LoraWeights:
         if a.shape[0] != b.shape[1]:
             problems.append(f"{module}: lora_A rank {a.shape[0]} does not match lora_B rank {b.shape[1]}")
             continue
-        scaling = module_scaling(config, module, a.shape[0])
-        weights.modules[module] = LoraModule(lora_a=a.float(), lora_b=b.float(), scaling=scaling)
+        if a.shape[0] == 0:
+            problems.append(f"{module}: rank 0")
+            continue
+        lm = LoraModule(lora_a=a.float(), lora_b=b.float(), scaling=module_scaling(config, module, a.shape[0]))
+        weights.modules[module] = lm
     if not pairs and not problems:
         problems.append("the adapter holds no LoRA weights")
+    if shapes is not None:
+        problems += fit_problems(weights, shapes, max_rank)
     if problems:
         raise AdapterError(problems)
     return weights
 
 
-def check_fits(weights: LoraWeights, shapes: dict[str, tuple[int, int]], max_rank: int) -> None:
-    """Check the adapter against the base model's adaptable layers {module: (in, out)}."""
+def fit_problems(weights: LoraWeights, shapes: dict[str, tuple[int, int]], max_rank: int | None) -> list[str]:
+    """What keeps `weights` from fitting the base model's adaptable layers {module: (in, out)}."""
     problems = []
     for module, lm in weights.modules.items():
         if module not in shapes:
@@ -189,8 +213,14 @@ def check_fits(weights: LoraWeights, shapes: dict[str, tuple[int, int]], max_ran
                 f"{module}: shapes A {list(lm.lora_a.shape)}, B {list(lm.lora_b.shape)} "
                 f"do not fit the base layer ({in_f} in, {out_f} out)"
             )
-        if lm.rank > max_rank:
+        if max_rank is not None and lm.rank > max_rank:
             problems.append(f"{module}: rank {lm.rank} is over the limit of {max_rank}")
+    return problems
+
+
+def check_fits(weights: LoraWeights, shapes: dict[str, tuple[int, int]], max_rank: int | None) -> None:
+    """Raise AdapterError unless `weights` fits the base model's adaptable layers."""
+    problems = fit_problems(weights, shapes, max_rank)
     if problems:
         raise AdapterError(problems)
 

@@ -20,7 +20,7 @@ from starlette.datastructures import UploadFile
 
 from adapters.archive import extract_adapter_archive
 from adapters.names import is_valid_name
-from adapters.peft_io import CONFIG_NAME, WEIGHTS_NAME, AdapterError, check_fits, load_peft_adapter
+from adapters.peft_io import CONFIG_NAME, WEIGHTS_NAME, AdapterError, load_peft_adapter
 from adapters.registry import Adapter, AdapterExists, AdapterNotFound
 from server.api import require, serving_of, state_of
 from server.errors import APIError
@@ -87,14 +87,15 @@ async def upload_adapter(request: Request, overwrite: bool = False) -> dict:
             for f in (CONFIG_NAME, WEIGHTS_NAME):
                 if f not in files:
                     problems.append(f"missing file {f} (or send one 'archive' .zip / .tar.gz)")
-        if problems:
+        if any(p.startswith(("missing file", "send either", "unexpected file")) for p in problems):
             raise APIError(400, "; ".join(problems), "invalid_request_error", "file")
-        return await _register(st, serving, name, files, overwrite)
+        return await _register(st, serving, name, files, overwrite, problems)
     finally:
         await form.close()
 
 
-async def _register(st, serving, name: str, files: dict[str, UploadFile], overwrite: bool) -> dict:
+async def _register(st, serving, name: str, files: dict[str, UploadFile], overwrite: bool, problems: list[str]) -> dict:
+    """Validate the files (reporting them together with the form's `problems`), store, register."""
     scratch = st.store.scratch_dir()
     adapter_dir = scratch / "adapter"
     adapter_dir.mkdir()
@@ -106,14 +107,14 @@ async def _register(st, serving, name: str, files: dict[str, UploadFile], overwr
             else:
                 for role, upload in files.items():
                     _write(upload, adapter_dir / role)
-            weights = load_peft_adapter(adapter_dir)
-            check_fits(weights, serving.layer_shapes, st.settings.max_lora_rank)
-            return weights
+            return load_peft_adapter(adapter_dir, serving.layer_shapes, st.settings.max_lora_rank)
 
         try:
             weights = await asyncio.to_thread(prepare)
         except AdapterError as e:
-            raise APIError(400, "invalid adapter: " + "; ".join(e.problems), "invalid_request_error", "file") from None
+            problems = problems + e.problems
+        if problems:
+            raise APIError(400, "invalid adapter: " + "; ".join(problems), "invalid_request_error", "file")
         lock = st.name_locks.setdefault(name, asyncio.Lock())
         async with lock:
             if not overwrite:
@@ -131,6 +132,7 @@ async def _register(st, serving, name: str, files: dict[str, UploadFile], overwr
             except AdapterExists:  # registered meanwhile by --adapter-dir or a restart race
                 raise APIError(409, f"an adapter named '{name}' exists", "invalid_request_error", "name", "adapter_exists") from None
             await asyncio.to_thread(st.store.prune, name, version)
+        st.engine.drop_retired()
         return adapter_object(adapter, serving.base.model_id)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -161,6 +163,7 @@ async def delete_adapter(name: str, request: Request) -> Response:
         except AdapterNotFound:
             raise _not_found(name) from None
         await asyncio.to_thread(st.store.delete, name)
+    st.engine.drop_retired()
     return Response(status_code=204)
 
 

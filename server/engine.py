@@ -139,6 +139,7 @@ class Engine:
         self._wake = threading.Condition(self._lock)
         self._incoming: deque[GenerationRequest] = deque()
         self._aborts: set[str] = set()
+        self._drop_retired = False
         self._waiting: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []
         self._thread: threading.Thread | None = None
@@ -158,6 +159,12 @@ class Engine:
     def submit(self, req: GenerationRequest) -> None:
         with self._wake:
             self._incoming.append(req)
+            self._wake.notify()
+
+    def drop_retired(self) -> None:
+        """Free (at the engine's next turn) the pool pages of deleted or replaced adapters no request uses."""
+        with self._wake:
+            self._drop_retired = True
             self._wake.notify()
 
     def abort(self, request_id: str) -> None:
@@ -216,12 +223,16 @@ class Engine:
             with torch.inference_mode():
                 while True:
                     with self._wake:
-                        while not self._stop and not (self._incoming or self._aborts or self._waiting or self._running):
+                        while not (self._stop or self._incoming or self._aborts or self._waiting or self._running
+                                   or self._drop_retired):
                             self._wake.wait()
                         if self._stop:
                             break
                         incoming, self._incoming = list(self._incoming), deque()
                         aborts, self._aborts = self._aborts, set()
+                        drop, self._drop_retired = self._drop_retired, False
+                    if drop:
+                        self.pool.drop_unused()
                     for req in incoming:
                         try:
                             self._enqueue(req)
@@ -231,7 +242,8 @@ class Engine:
                     try:
                         if aborts:
                             self._apply_aborts(aborts)
-                        self._step()
+                        if self._waiting or self._running:
+                            self._step()
                     except Exception as e:  # no request without an answer
                         log.exception("engine step failed")
                         self._fail_running(f"internal error in the engine: {e.__class__.__name__}")

@@ -31,6 +31,20 @@ class _Choice:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
 
+    def add(self, out: RequestOutput) -> None:
+        if out.error:
+            raise APIError(503 if "shutting down" in out.error else 500, out.error, "server_error")
+        self.text += out.text
+        self.token_ids += out.token_ids
+        self.logprobs += out.logprobs or []
+        self.finish_reason = out.finish_reason
+
+
+async def _prepend(first, rest: AsyncIterator) -> AsyncIterator:
+    yield first
+    async for item in rest:
+        yield item
+
 
 class Serving:
     def __init__(self, base: BaseModel, engine: AsyncEngine, registry: AdapterRegistry, max_model_len: int,
@@ -182,23 +196,12 @@ class Serving:
     def usage(prompt_tokens: int, completion_tokens: int) -> dict:
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
 
-    @staticmethod
-    def _raise_output_error(out: RequestOutput) -> None:
-        if out.error:
-            status = 503 if "shutting down" in out.error else 500
-            raise APIError(status, out.error, "server_error")
-
     async def complete(self, req: CompletionRequest) -> dict:
         uses = await self.resolve_adapters(req)
         prompts = self.completion_prompts(req)
         choices = [_Choice(i, len(prompts[i // req.n])) for i in range(len(prompts) * req.n)]
         async for i, out in self._run(prompts, req, req.max_tokens, req.logprobs, uses):
-            self._raise_output_error(out)
-            c = choices[i]
-            c.text += out.text
-            c.token_ids += out.token_ids
-            c.logprobs += out.logprobs or []
-            c.finish_reason = out.finish_reason
+            choices[i].add(out)
         body = []
         for c in choices:
             prefix = self.tokenizer.decode(prompts[c.index // req.n]) if req.echo else ""
@@ -219,12 +222,7 @@ class Serving:
         k = (req.top_logprobs or 0) if req.logprobs else None
         choices = [_Choice(i, len(prompt)) for i in range(req.n)]
         async for i, out in self._run([prompt], req, req.max_completion_tokens or req.max_tokens, k, uses):
-            self._raise_output_error(out)
-            c = choices[i]
-            c.text += out.text
-            c.token_ids += out.token_ids
-            c.logprobs += out.logprobs or []
-            c.finish_reason = out.finish_reason
+            choices[i].add(out)
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "object": "chat.completion",
@@ -257,12 +255,7 @@ class Serving:
         offsets = [0] * (len(prompts) * req.n)
         echoed: set[int] = set()
 
-        async def outputs():
-            yield first
-            async for item in run:
-                yield item
-
-        async for i, out in outputs():
+        async for i, out in _prepend(first, run):
             if out.error:
                 yield {"error": {"message": out.error, "type": "server_error", "param": None, "code": None}}
                 return
@@ -314,12 +307,7 @@ class Serving:
             yield base | {"choices": [{"index": i, "delta": delta, "logprobs": None, "finish_reason": None}]} | extra
         completion_tokens = 0
 
-        async def outputs():
-            yield first
-            async for item in run:
-                yield item
-
-        async for i, out in outputs():
+        async for i, out in _prepend(first, run):
             if out.error:
                 yield {"error": {"message": out.error, "type": "server_error", "param": None, "code": None}}
                 return
