@@ -84,7 +84,7 @@ class AdapterStore:
         self._tmp.mkdir()
         out = []
         for d in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            versions = sorted((int(v.name) for v in d.iterdir() if v.name.isdigit() and (v / "meta.json").exists()))
+            versions = sorted(int(v.name) for v in d.iterdir() if v.name.isdigit() and (v / "meta.json").exists())
             if versions:
                 meta = json.loads((d / str(versions[-1]) / "meta.json").read_text())
                 out.append(StoredAdapter(**(meta | {"path": d / str(versions[-1])})))
