@@ -153,12 +153,23 @@ def run_ours(base: BaseModel, backend: str, prompts, new_tokens: int, adapters, 
     engine = Engine(base, config)
     engine.warmup()
     per_row = [registered[i % len(registered)] for i in range(n)]
+    merger = engine.merger
+
+    def run(adapters_of_rows, merge: bool):
+        def once():
+            if merger.merged is not None:  # every measured run starts unmerged (the engine is idle here)
+                merger.unmerge()
+            engine.merger = merger if merge else None
+            return run_engine(engine, prompts, new_tokens, adapters_of_rows)
+
+        return once
+
     return {
-        "a": measure("(a) engine, base", lambda: run_engine(engine, prompts, new_tokens, [None] * n), repeats),
-        "b": measure(
-            "(b) engine, 1 adapter", lambda: run_engine(engine, prompts, new_tokens, registered[:1] * n), repeats
-        ),
-        "c": measure(f"(c) engine, {n} adapters", lambda: run_engine(engine, prompts, new_tokens, per_row), repeats),
+        "a": measure("(a) engine, base", run([None] * n, False), repeats),
+        "b": measure("(b) engine, 1 adapter", run(registered[:1] * n, False), repeats),
+        "bm": measure("(b+m) engine, 1 adapter, auto-merge", run(registered[:1] * n, True), repeats),
+        "c": measure(f"(c) engine, {n} adapters", run(per_row, False), repeats),
+        "cm": measure(f"(c+m) engine, {n} adapters, auto-merge on", run(per_row, True), repeats),
     }
 
 
@@ -223,14 +234,17 @@ def main() -> None:
     def ratio(x: str, y: str) -> float | None:
         return results[x]["median"] / results[y]["median"] if x in results and y in results else None
 
-    ratios = {"c/a": ratio("c", "a"), "b/a": ratio("b", "a"), "c/e": ratio("c", "e"), "a/d": ratio("a", "d")}
-    flops_per_token = {k: 2 * (params + (adapter_params if k in ("b", "c", "e") else 0)) for k in results}
+    ratios = {"c/a": ratio("c", "a"), "b/a": ratio("b", "a"), "c/e": ratio("c", "e"), "a/d": ratio("a", "d"),
+              "bm/a": ratio("bm", "a"), "cm/c": ratio("cm", "c")}
+    flops_per_token = {k: 2 * (params + (adapter_params if k in ("b", "bm", "c", "cm", "e") else 0)) for k in results}
     mfu = {k: results[k]["median"] * flops_per_token[k] / (gflops * 1e9) for k in results}
 
     labels = {
         "a": ("(a) engine, base", "—"),
         "b": ("(b) engine, 1 adapter for all rows", "b/a"),
+        "bm": ("(b+m) the same, auto-merge on", "bm/a"),
         "c": (f"(c) engine, {n} distinct adapters", "c/a"),
+        "cm": ("(c+m) the same, auto-merge on", "cm/c"),
         "d": ("(d) transformers generate, base", "a/d"),
         "e": (f"(e) PEFT mixed batch, {n} adapters", "c/e"),
     }

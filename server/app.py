@@ -102,6 +102,9 @@ def start_engine(state: AppState) -> None:
             adapter_loads=lambda: pool.loads,
             adapter_evictions=lambda: pool.evictions,
         )
+        if e.merger:
+            m = e.merger
+            state.metrics.bind(merged=lambda: m.merged is not None, merges=lambda: m.merges, unmerges=lambda: m.unmerges)
         state.ready = True
         log.info("ready: %s on %s", state.base.model_id, state.base.device)
     except Exception as e:  # reported by /health/ready and every request

@@ -26,6 +26,7 @@ from adapters.peft_io import LoraWeights
 from adapters.pool import LoraPool, PoolFull
 from adapters.registry import Adapter
 from server.kv_cache import ATTN_IMPLEMENTATION, SlotKVCache
+from server.merge import AutoMerger
 from server.model import BaseModel
 from server.sampling import SamplingParams, TokenLogprob, sample, token_logprobs
 from server.text import TextStream
@@ -47,6 +48,12 @@ class EngineConfig:
     """Pages in the device LoRA pool, shared by all resident adapters (a rank-16 adapter takes one)."""
     lora_page_size: int = 16
     """Rank rows per page."""
+    auto_merge: bool = True
+    """Fold an adapter into the base weights while it serves nearly every running sequence."""
+    merge_threshold: float = 0.9
+    """Share of running sequences one adapter must hold, every step of the window, to be merged."""
+    merge_window: int = 8
+    """Decode steps the share is observed over, before merging and before unmerging."""
     lora_backend: str = "compiled"
     """'compiled' (decoder layers compiled by torch.compile, LoRA kernels fused in) or 'eager'."""
 
@@ -88,8 +95,7 @@ class _Sequence:
     req: GenerationRequest
     stream: TextStream
     generator: torch.Generator | None
-    lora_pages: torch.Tensor | None = None  # (K,) pool pages of all its adapters
-    lora_weights: torch.Tensor | None = None  # (K, G) weight of each row of those pages
+    lora: list[tuple[AdapterUse, torch.Tensor]] = field(default_factory=list)  # each adapter with its pool pages
     output_ids: list[int] = field(default_factory=list)
     num_cached: int = 0  # tokens whose K/V are in the cache
     acquired: list[Adapter] = field(default_factory=list)
@@ -98,6 +104,14 @@ class _Sequence:
 def _bucket(n: int) -> int:
     """Round a page count up to a power of two, so compiled kernels see few distinct shapes."""
     return 1 << max(0, (n - 1).bit_length())
+
+
+def _single_adapter(seq: _Sequence) -> tuple[Adapter, torch.Tensor, LoraWeights] | None:
+    """(adapter, pages, weights) of a sequence served by exactly one adapter at weight 1, else None."""
+    if len(seq.lora) == 1 and seq.lora[0][0].weight == 1.0:
+        use, pages = seq.lora[0]
+        return use.adapter, pages, use.lora
+    return None
 
 
 class Engine:
@@ -116,6 +130,7 @@ class Engine:
         self.lora_batch = LoraBatch(check_targets=config.lora_backend == "eager")
         self.layers = inject_multi_lora(model, self.lora_batch, config.lora_pages, config.lora_page_size)
         self.pool = LoraPool(self.layers, config.lora_pages, config.lora_page_size, base.device)
+        self.merger = AutoMerger(self.layers, self.pool, config.merge_threshold, config.merge_window) if config.auto_merge else None
         self.device = base.device
         self.cache = SlotKVCache(config.max_num_seqs, self.max_len, next(model.parameters()).dtype, base.device)
         kv_heads = getattr(model.config, "num_key_value_heads", None) or model.config.num_attention_heads
@@ -303,20 +318,18 @@ class Engine:
         uses = seq.req.adapters
         if not uses:
             return
-        pages, weights = [], []
         try:
             for use in uses:
-                lora = use.lora or use.adapter.weights
-                if lora is None:
+                use.lora = use.lora or use.adapter.weights
+                if use.lora is None:
                     raise PoolFull(f"the weights of adapter {use.adapter.name!r} are not in memory")
-                p = self.pool.acquire(use.adapter, lora)
+                pages = self.pool.acquire(use.adapter, use.lora)
                 seq.acquired.append(use.adapter)
-                pages.append(p)
-                weights.append(torch.full((p.shape[0], self.pool.page_size), use.weight, dtype=self.cache.dtype, device=self.device))
+                seq.lora.append((use, pages))
         except PoolFull:
             self._release_adapters(seq)
+            seq.lora = []
             raise
-        seq.lora_pages, seq.lora_weights = torch.cat(pages), torch.cat(weights)
 
     def _release_adapters(self, seq: _Sequence) -> None:
         for adapter in seq.acquired:
@@ -324,19 +337,27 @@ class Engine:
         seq.acquired = []
 
     def _set_lora(self, seqs: list[_Sequence], per_request: bool) -> None:
-        """Tell every multi-LoRA layer which pool pages each sequence of this forward uses."""
-        with_lora = [s for s in seqs if s.lora_pages is not None]
-        if not with_lora:
-            self.lora_batch.clear()
+        """Tell every multi-LoRA layer which pool pages (and weights) each sequence of this forward uses."""
+        rows = []
+        for s in seqs:
+            uses = [(u.adapter, p, u.weight) for u, p in s.lora]
+            rows.append(self.merger.corrected(uses) if self.merger else [(p, w) for _, p, w in uses])
+        if not any(rows):
+            self.lora_batch.clear()  # base rows only (or only the merged adapter's): no LoRA term at all
             return
-        k = _bucket(max(s.lora_pages.shape[0] for s in with_lora))
+        k = _bucket(max(sum(p.shape[0] for p, _ in r) for r in rows))
         idx = torch.zeros(len(seqs), k, dtype=torch.long, device=self.device)
         w = torch.zeros(len(seqs), k, self.pool.page_size, dtype=self.cache.dtype, device=self.device)
-        for i, s in enumerate(seqs):
-            if s.lora_pages is not None:
-                idx[i, : s.lora_pages.shape[0]] = s.lora_pages
-                w[i, : s.lora_weights.shape[0]] = s.lora_weights
-        self.lora_batch.set(idx, w, frozenset(a.key for s in with_lora for a in s.acquired), per_request)
+        for i, r in enumerate(rows):
+            col = 0
+            for pages, weight in r:
+                idx[i, col : col + pages.shape[0]] = pages
+                w[i, col : col + pages.shape[0]] = weight
+                col += pages.shape[0]
+        keys = frozenset(a.key for s in seqs for a in s.acquired)
+        if self.merger and self.merger.merged is not None:
+            keys |= {self.merger.merged.key}
+        self.lora_batch.set(idx, w, keys, per_request)
 
     def _causal_mask(self, n: int, t: int) -> torch.Tensor:
         return torch.ones(t, t, dtype=torch.bool, device=self.device).tril()[None, None].repeat(n, 1, 1, 1)
@@ -371,6 +392,8 @@ class Engine:
 
     def _decode(self) -> None:
         seqs = self._running
+        if self.merger:
+            self.merger.observe([_single_adapter(s) for s in seqs])
         ids = torch.tensor([[s.output_ids[-1]] for s in seqs], dtype=torch.long, device=self.device)
         positions = torch.tensor([s.num_cached for s in seqs], dtype=torch.long, device=self.device)
         kv_len = int(positions.max()) + 1

@@ -27,6 +27,9 @@ class Metrics:
         self.adapters_resident = Gauge("loraplex_adapters_loaded", "Adapters resident in the device LoRA pool", registry=r)
         self.adapter_loads = Gauge("loraplex_adapter_loads_total", "Adapter loads into the device pool", registry=r)
         self.adapter_evictions = Gauge("loraplex_adapter_evictions_total", "Adapter evictions from the device pool", registry=r)
+        self.merged = Gauge("loraplex_adapter_merged", "1 while an adapter is merged into the base weights", registry=r)
+        self.merges = Gauge("loraplex_adapter_merges_total", "Automatic merges of a dominant adapter", registry=r)
+        self.unmerges = Gauge("loraplex_adapter_unmerges_total", "Automatic unmerges", registry=r)
         self._labels: set[str] = set()
 
     def adapter_label(self, name: str) -> str:

@@ -58,7 +58,13 @@ class Settings(BaseSettings):
     host_adapter_bytes: int = Field(4 * 2**30, ge=0)
     """Host-memory budget for adapter weights; beyond it the least recently used are re-read from disk."""
     lora_backend: str = "compiled"
-    """'compiled' (torch.compile'd gathered kernel) or 'eager'."""
+    """'compiled' (decoder layers compiled, LoRA kernels fused in) or 'eager'."""
+    auto_merge: bool = True
+    """Fold an adapter into the base weights while it serves nearly all running sequences (dLoRA)."""
+    merge_threshold: float = Field(0.9, gt=0, le=1)
+    """Share of the running sequences one adapter must hold, every step of the window, to be merged."""
+    merge_window: int = Field(8, ge=1)
+    """Decode steps observed before merging and before unmerging."""
     threads: int | None = None
     """Torch intra-op threads for the engine (default: torch's choice)."""
     drain_timeout: float = Field(30.0, ge=0)
@@ -86,4 +92,7 @@ class Settings(BaseSettings):
             lora_pages=self.lora_pages,
             lora_page_size=self.lora_page_size,
             lora_backend=self.lora_backend,
+            auto_merge=self.auto_merge,
+            merge_threshold=self.merge_threshold,
+            merge_window=self.merge_window,
         )

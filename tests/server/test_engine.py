@@ -23,10 +23,11 @@ PROMPTS = ["The capital of France", "Hello world! How", "LoRA adapters are", "0 
 class Harness:
     """An engine thread on a tiny model, with a blocking `run` for tests."""
 
-    def __init__(self, model_dir: Path, adapters: dict[str, Path], backend: str, max_num_seqs: int = 8):
+    def __init__(self, model_dir: Path, adapters: dict[str, Path], backend: str, max_num_seqs: int = 8, **config):
         self.base = load_base_model(str(model_dir), cache_dir=model_dir)
-        self.engine = Engine(self.base, EngineConfig(max_num_seqs=max_num_seqs, max_model_len=128, lora_pages=16,
-                                                     lora_page_size=8, lora_backend=backend))
+        config = dict(max_num_seqs=max_num_seqs, max_model_len=128, lora_pages=16, lora_page_size=8,
+                      lora_backend=backend) | config
+        self.engine = Engine(self.base, EngineConfig(**config))
         self.registry = AdapterRegistry()
         for name, d in adapters.items():
             self.registry.add(name, load_peft_adapter(d))
@@ -70,7 +71,7 @@ def adapters(tmp_path_factory, llama_dir):
 
 @pytest.fixture(scope="module", params=["eager", "compiled"])
 def harness(request, llama_dir, adapters):
-    h = Harness(llama_dir, adapters, request.param, max_num_seqs=4)
+    h = Harness(llama_dir, adapters, request.param, max_num_seqs=4, auto_merge=False)
     yield h
     h.engine.stop()
 
@@ -173,3 +174,45 @@ def test_sampling_respects_top_p_and_banned():
     banned[:, 0] = True
     tokens = sample(logits, torch.zeros(64), torch.ones(64), [None] * 64, banned)
     assert set(tokens.tolist()) == {1}
+
+
+def test_auto_merge_serves_everyone_correctly_and_restores_weights_exactly(llama_dir, adapters):
+    plain = Harness(llama_dir, adapters, "eager", auto_merge=False)
+    merging = Harness(llama_dir, adapters, "eager", auto_merge=True, merge_threshold=0.75, merge_window=3)
+    try:
+        params = dict(merging.base.model.named_parameters())
+        original = {n: p.detach().clone() for n, p in params.items()}
+        dominant = [dict(prompt=p, adapters=[("a", 1.0)], max_tokens=12, ignore_eos=True) for p in PROMPTS[:4]]
+        assert merging.run(dominant) == plain.run(dominant)
+        m = merging.engine.merger
+        assert m.merges == 1 and m.merged.name == "a"
+        assert not all(torch.equal(p, original[n]) for n, p in params.items())  # the base really changed
+        # while merged: the merged adapter, another adapter, the base and a composition all still match
+        mixed = [dict(prompt=PROMPTS[0], adapters=[("a", 1.0)]), dict(prompt=PROMPTS[1], adapters=[("b", 1.0)]),
+                 dict(prompt=PROMPTS[2]), dict(prompt=PROMPTS[3], adapters=[("a", 0.5), ("b", 0.5)])]
+        mixed = [dict(j, max_tokens=10, ignore_eos=True) for j in mixed]
+        ours, theirs = merging.run(mixed), plain.run(mixed)
+        assert [o["ids"] for o in ours] == [o["ids"] for o in theirs]
+        # mixed traffic unmerges, restoring the very same weights
+        merging.run([dict(prompt=p, max_tokens=12, ignore_eos=True) for p in PROMPTS])
+        assert m.unmerges == 1 and m.merged is None
+        assert all(torch.equal(p, original[n]) for n, p in params.items())
+    finally:
+        plain.engine.stop()
+        merging.engine.stop()
+
+
+def test_many_merge_cycles_leave_no_drift(llama_dir, adapters):
+    h = Harness(llama_dir, adapters, "eager", auto_merge=True)
+    try:
+        h.engine.stop()  # drive the merger by hand, from this thread
+        params = dict(h.base.model.named_parameters())
+        original = {n: p.detach().clone() for n, p in params.items()}
+        adapter = h.registry.get("b")
+        pages = h.engine.pool.acquire(adapter, adapter.weights)
+        for _ in range(25):
+            h.engine.merger.merge(adapter, pages, adapter.weights)
+            h.engine.merger.unmerge()
+        assert all(torch.equal(p, original[n]) for n, p in params.items())
+    finally:
+        h.engine.stop()
