@@ -155,7 +155,7 @@ class Adapter(_Response):
     alpha: float
     target_modules: list[str]
     size_bytes: int
-    sha256: str
+    sha256: str | None = None
     version: int
     created_at: int
 

@@ -19,7 +19,7 @@ from fastapi import FastAPI
 from adapters.names import is_valid_name
 from adapters.peft_io import AdapterError, check_fits, describe_peft_adapter, load_peft_adapter
 from adapters.registry import AdapterRegistry
-from adapters.store import AdapterStore
+from adapters.store import AdapterStore, file_sha256
 from server.async_engine import AsyncEngine
 from server.auth import load_api_keys
 from server.engine import Engine
@@ -63,7 +63,9 @@ def load_adapter_dir(state: AppState, directory: Path) -> None:
         try:
             weights = load_peft_adapter(sub)
             check_fits(weights, state.engine.layer_shapes(), state.settings.max_lora_rank)
-            state.registry.add(sub.name, weights, path=sub)
+            files = [sub / "adapter_config.json", sub / "adapter_model.safetensors"]
+            state.registry.add(sub.name, weights, path=sub, sha256=file_sha256(files[1]),
+                               size_bytes=sum(f.stat().st_size for f in files))
             log.info("loaded adapter %s (rank %d)", sub.name, weights.rank)
         except AdapterError as e:
             log.error("skipping adapter %s: %s", sub.name, e)

@@ -63,12 +63,17 @@ def _client(url: str, api_key: str | None):
 
 def _run(fn):
     """Call the server; print its error message (not a traceback) and exit 1 on failure."""
+    import httpx
+
     from client import LoraplexError
 
     try:
         return fn()
     except LoraplexError as e:
         typer.secho(f"error: {e.message}", fg="red", err=True)
+        raise typer.Exit(1) from None
+    except httpx.HTTPError as e:
+        typer.secho(f"error: cannot reach the server ({e.__class__.__name__}: {e})", fg="red", err=True)
         raise typer.Exit(1) from None
 
 
