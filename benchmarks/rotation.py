@@ -3,8 +3,8 @@
 The issue's target: throughput with 1,000 adapters in rotation ≥ 0.9 × with 16, in bounded memory.
 
 Adapters: N seeded random rank-8 adapters (α = 16) on q_proj and v_proj only, so that 1,000 of
-them fit on disk: 0.46 M parameters, ~1.8 MB fp32 each on the default model (30 layers, hidden
-576, 3 KV heads), ~1.8 GB for 1,000. They are written as PEFT directories into a temporary
+them fit on disk: 0.46 M parameters, ~1.9 MB fp32 each on the default model (30 layers, hidden
+576, 3 KV heads), ~1.9 GB for 1,000. They are written as PEFT directories into a temporary
 directory and registered lazily with `AdapterRegistry.add_stored` (weights stay on disk), with a
 host budget of --host-mib (default 64 MiB, ~35 adapters): with N = 1,000 in round-robin every
 request misses the host tier and its adapter is read again from disk (from the page cache, in

@@ -144,7 +144,9 @@ class Engine:
             blocks = set(getattr(model, "_no_split_modules", None) or ())
             for m in model.modules():
                 if type(m).__name__ in blocks:
-                    m.compile(dynamic=None)  # dims turn dynamic once they vary (warmup makes them)
+                    # dims turn dynamic once they vary (the warmup makes them); the guards on the
+                    # wrapped nn.Linear / Conv1D internals are skipped: those never change in place
+                    m.compile(dynamic=None, options={"guard_filter_fn": torch.compiler.skip_guard_on_inbuilt_nn_modules_unsafe})
         gen_eos = getattr(model.generation_config, "eos_token_id", None) if model.generation_config else None
         eos = {base.tokenizer.eos_token_id} | set(gen_eos if isinstance(gen_eos, list) else [gen_eos])
         self.eos_ids = sorted(e for e in eos if e is not None)

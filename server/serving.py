@@ -72,7 +72,9 @@ class Serving:
             except AdapterNotFound:
                 what = "model" if param == "model" else "adapter"
                 raise APIError(404, f"The {what} '{name}' does not exist.", "invalid_request_error", param, "model_not_found") from None
-            lora = adapter.weights or await asyncio.to_thread(self.registry.weights_of, adapter)
+            # resident: a dictionary touch that keeps the host tier's LRU order; evicted: a disk read
+            lora = self.registry.weights_of(adapter) if adapter.weights is not None else await asyncio.to_thread(
+                self.registry.weights_of, adapter)
             uses.append(AdapterUse(adapter, weight, lora))
         return uses
 
