@@ -8,7 +8,8 @@ uses: the multi-LoRA layers add each token's own LoRA term inside the same batch
 aborted sequences leave at once and their row is refilled by the last one, so the running
 batch always occupies rows 0..n-1 of the cache.
 
-Outputs go back through each request's `emit` callback, called from the engine thread.
+The forward passes themselves are the ModelRunner's; outputs go back through each request's
+`emit` callback, called from the engine thread.
 """
 
 from __future__ import annotations
@@ -21,13 +22,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from adapters.layers import LoraBatch, inject_multi_lora, layer_shape
 from adapters.peft_io import LoraWeights
 from adapters.pool import LoraPool, PoolFull
 from adapters.registry import Adapter
-from server.kv_cache import ATTN_IMPLEMENTATION, SlotKVCache
 from server.merge import AutoMerger
 from server.model import BaseModel
+from server.runner import AdapterRows, ModelRunner
 from server.sampling import SamplingParams, TokenLogprob, sample, token_logprobs
 from server.text import TextStream
 
@@ -101,9 +101,8 @@ class _Sequence:
     acquired: list[Adapter] = field(default_factory=list)
 
 
-def _bucket(n: int) -> int:
-    """Round a page count up to a power of two, so compiled kernels see few distinct shapes."""
-    return 1 << max(0, (n - 1).bit_length())
+def _adapter_rows(seq: _Sequence) -> AdapterRows:
+    return [(use.adapter, pages, use.weight) for use, pages in seq.lora]
 
 
 def _single_adapter(seq: _Sequence) -> tuple[Adapter, torch.Tensor, LoraWeights] | None:
@@ -120,37 +119,13 @@ class Engine:
     def __init__(self, base: BaseModel, config: EngineConfig):
         self.base = base
         self.config = config
-        self.max_len = min(config.max_model_len, base.max_model_len)
-        model = base.model
-        model.config._attn_implementation = ATTN_IMPLEMENTATION
-        self.backbone = model.base_model
-        self.lm_head = model.get_output_embeddings()
-        if config.lora_backend not in ("compiled", "eager"):
-            raise ValueError(f"lora_backend must be 'compiled' or 'eager', not {config.lora_backend!r}")
-        self.lora_batch = LoraBatch(check_targets=config.lora_backend == "eager")
-        self.layers = inject_multi_lora(model, self.lora_batch, config.lora_pages, config.lora_page_size)
-        self.pool = LoraPool(self.layers, config.lora_pages, config.lora_page_size, base.device)
-        self.merger = AutoMerger(self.layers, self.pool, config.merge_threshold, config.merge_window) if config.auto_merge else None
+        self.runner = ModelRunner(base, config)
+        self.max_len = self.runner.max_len
         self.device = base.device
-        self.cache = SlotKVCache(config.max_num_seqs, self.max_len, next(model.parameters()).dtype, base.device)
-        kv_heads = getattr(model.config, "num_key_value_heads", None) or model.config.num_attention_heads
-        for m in model.modules():
-            if hasattr(m, "layer_idx") and hasattr(m, "head_dim"):  # the attention modules
-                self.cache.attach(m, kv_heads, m.head_dim)
-        if config.lora_backend == "compiled":
-            # regional compilation: every decoder layer runs the same compiled code (weights, LoRA
-            # pages and KV buffers are its inputs), fusing the LoRA kernels with their neighbours
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
-            blocks = set(getattr(model, "_no_split_modules", None) or ())
-            for m in model.modules():
-                if type(m).__name__ in blocks:
-                    # dims turn dynamic once they vary (the warmup makes them); the guards on the
-                    # wrapped nn.Linear / Conv1D internals are skipped: those never change in place
-                    m.compile(dynamic=None, options={"guard_filter_fn": torch.compiler.skip_guard_on_inbuilt_nn_modules_unsafe})
+        model = base.model
         gen_eos = getattr(model.generation_config, "eos_token_id", None) if model.generation_config else None
         eos = {base.tokenizer.eos_token_id} | set(gen_eos if isinstance(gen_eos, list) else [gen_eos])
         self.eos_ids = sorted(e for e in eos if e is not None)
-        self.pad_id = base.tokenizer.pad_token_id if base.tokenizer.pad_token_id is not None else (self.eos_ids or [0])[0]
 
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -171,7 +146,19 @@ class Engine:
 
     def layer_shapes(self) -> dict[str, tuple[int, int]]:
         """{module path: (in, out)} of every adaptable layer, for validating adapters."""
-        return {name: layer_shape(layer.base_layer) for name, layer in self.layers.items()}
+        return self.runner.layer_shapes()
+
+    @property
+    def pool(self) -> LoraPool:
+        return self.runner.pool
+
+    @property
+    def merger(self) -> AutoMerger | None:
+        return self.runner.merger
+
+    @merger.setter
+    def merger(self, merger: AutoMerger | None) -> None:
+        self.runner.merger = merger
 
     def submit(self, req: GenerationRequest) -> None:
         with self._wake:
@@ -210,27 +197,8 @@ class Engine:
             self._thread.join(timeout)
 
     def warmup(self) -> None:
-        """Run every kind of forward (prefill and decode, with and without LoRA pages) at several
-        sizes, so that the compiled graphs exist, shape-generic, before traffic."""
-        # batch 1 specializes apart from batch >= 2, so each gets two prompt lengths / cache lengths
-        sizes = [(n, t, kv) for n in sorted({1, min(2, self.config.max_num_seqs), min(3, self.config.max_num_seqs)})
-                 for t, kv in ((3, 3), (5, 5), (1, 4), (1, 6))]
-        with torch.inference_mode():
-            for pages in (None, 1, 2):
-                for n, t, kv in sizes:
-                    if t > 1:
-                        self.cache.prepare_prefill(0, n, t)
-                    else:
-                        self.cache.prepare_decode(torch.full((n,), kv - 1, dtype=torch.long, device=self.device), kv)
-                    if pages:  # page 0 is zero: a LoRA term that adds nothing
-                        idx = torch.zeros(n, pages, dtype=torch.long, device=self.device)
-                        w = torch.zeros(n, pages, self.pool.page_size, dtype=self.cache.dtype, device=self.device)
-                        self.lora_batch.set(idx, w, frozenset(), per_request=t > 1)
-                    ids = torch.full((n, t), self.pad_id, dtype=torch.long, device=self.device)
-                    pos = torch.arange(kv - t, kv, device=self.device)[None].repeat(n, 1)
-                    mask = torch.ones(n, 1, t, kv, dtype=torch.bool, device=self.device).tril(kv - t)
-                    self._forward(ids, pos, mask)
-                    self.lora_batch.clear()
+        """Compile and run every kind of forward before traffic (see ModelRunner.warmup)."""
+        self.runner.warmup()
 
     # ---- engine thread ----------------------------------------------------------------------
 
@@ -338,77 +306,25 @@ class Engine:
             self.pool.release(adapter)
         seq.acquired = []
 
-    def _set_lora(self, seqs: list[_Sequence], per_request: bool) -> None:
-        """Tell every multi-LoRA layer which pool pages (and weights) each sequence of this forward uses."""
-        rows = []
-        for s in seqs:
-            uses = [(u.adapter, p, u.weight) for u, p in s.lora]
-            rows.append(self.merger.corrected(uses) if self.merger else [(p, w) for _, p, w in uses])
-        if not any(rows):
-            self.lora_batch.clear()  # base rows only (or only the merged adapter's): no LoRA term at all
-            return
-        k = _bucket(max(sum(p.shape[0] for p, _ in r) for r in rows))
-        idx = torch.zeros(len(seqs), k, dtype=torch.long, device=self.device)
-        w = torch.zeros(len(seqs), k, self.pool.page_size, dtype=self.cache.dtype, device=self.device)
-        for i, r in enumerate(rows):
-            col = 0
-            for pages, weight in r:
-                idx[i, col : col + pages.shape[0]] = pages
-                w[i, col : col + pages.shape[0]] = weight
-                col += pages.shape[0]
-        keys = frozenset(a.key for s in seqs for a in s.acquired)
-        if self.merger and self.merger.merged is not None:
-            keys |= {self.merger.merged.key}
-        self.lora_batch.set(idx, w, keys, per_request)
-
-    def _causal_mask(self, n: int, t: int) -> torch.Tensor:
-        return torch.ones(t, t, dtype=torch.bool, device=self.device).tril()[None, None].repeat(n, 1, 1, 1)
-
-    def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        out = self.backbone(
-            input_ids=input_ids, attention_mask=mask, position_ids=position_ids, past_key_values=self.cache, use_cache=True
-        )
-        return out.last_hidden_state
-
     def _prefill(self, new: list[_Sequence]) -> None:
-        n = len(new)
-        lens = [len(s.req.prompt_ids) for s in new]
-        t = max(lens)
-        ids = torch.full((n, t), self.pad_id, dtype=torch.long)
-        for i, s in enumerate(new):
-            ids[i, : lens[i]] = torch.tensor(s.req.prompt_ids)
-        ids = ids.to(self.device)
-        positions = torch.arange(t, device=self.device)[None].expand(n, t)
-        self.cache.prepare_prefill(len(self._running), n, t)
+        row0 = len(self._running)
         self._running.extend(new)  # from here on a failure answers them with the running batch
-        self._set_lora(new, per_request=True)
-        try:
-            hidden = self._forward(ids, positions, self._causal_mask(n, t))
-        finally:
-            self.lora_batch.clear()
-        last = hidden[torch.arange(n, device=self.device), torch.tensor(lens, device=self.device) - 1]
+        logits = self.runner.prefill(row0, [s.req.prompt_ids for s in new], [_adapter_rows(s) for s in new])
         for s in new:
             s.num_cached = len(s.req.prompt_ids)
             self.prompt_tokens += s.num_cached
-        self._sample_and_emit(new, self.lm_head(last).float())
+        self._sample_and_emit(new, logits)
 
     def _decode(self) -> None:
-        seqs = self._running
+        seqs = list(self._running)
         if self.merger:
             self.merger.observe([_single_adapter(s) for s in seqs])
-        ids = torch.tensor([[s.output_ids[-1]] for s in seqs], dtype=torch.long, device=self.device)
-        positions = torch.tensor([s.num_cached for s in seqs], dtype=torch.long, device=self.device)
-        kv_len = int(positions.max()) + 1
-        mask = (torch.arange(kv_len, device=self.device)[None] <= positions[:, None])[:, None, None, :]
-        self.cache.prepare_decode(positions, kv_len)
-        self._set_lora(seqs, per_request=False)
-        try:
-            hidden = self._forward(ids, positions[:, None], mask)
-        finally:
-            self.lora_batch.clear()
+        logits = self.runner.decode(
+            [s.output_ids[-1] for s in seqs], [s.num_cached for s in seqs], [_adapter_rows(s) for s in seqs]
+        )
         for s in seqs:
             s.num_cached += 1
-        self._sample_and_emit(list(seqs), self.lm_head(hidden[:, -1]).float())
+        self._sample_and_emit(seqs, logits)
 
     def _sample_and_emit(self, seqs: list[_Sequence], logits: torch.Tensor) -> None:
         dev = logits.device
@@ -465,7 +381,7 @@ class Engine:
             last = len(self._running) - 1
             if row != last:
                 mover = self._running[last]
-                self.cache.move_row(last, row, mover.num_cached)
+                self.runner.cache.move_row(last, row, mover.num_cached)
                 self._running[row] = mover
             self._running.pop()
 
@@ -473,4 +389,4 @@ class Engine:
         running, self._running = self._running, []
         for seq in running:
             self._finish(seq, "error", error=message)
-        self.lora_batch.clear()
+        self.runner.lora_batch.clear()

@@ -1,0 +1,147 @@
+"""The model runner: batched prefill and decode forwards of the base model with every adapter.
+
+It prepares the HF model once (vLLM's model runner, gpt-fast's setup): the multi-LoRA layers
+with their page pool, the automatic merger, the slot KV cache owned by the attention modules,
+and — with the compiled backend — one compiled decoder layer reused for every layer (weights,
+LoRA pages and KV buffers are its inputs), warmed up at every shape class before traffic. Then
+each forward gets token ids, positions and, per sequence, the adapters it applies; it returns
+the logits of each sequence's last token. It knows nothing of requests or sampling.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from adapters.layers import LoraBatch, inject_multi_lora, layer_shape
+from adapters.pool import LoraPool
+from adapters.registry import Adapter
+from server.kv_cache import ATTN_IMPLEMENTATION, SlotKVCache
+from server.merge import AutoMerger
+from server.model import BaseModel
+
+# what a sequence applies: (adapter, its pool pages, its weight)
+AdapterRows = list[tuple[Adapter, torch.Tensor, float]]
+
+
+def _bucket(n: int) -> int:
+    """Round a page count up to a power of two, so compiled kernels see few distinct shapes."""
+    return 1 << max(0, (n - 1).bit_length())
+
+
+class ModelRunner:
+    def __init__(self, base: BaseModel, config) -> None:  # config: server.engine.EngineConfig
+        self.config = config
+        self.max_len = min(config.max_model_len, base.max_model_len)
+        self.device = base.device
+        model = base.model
+        model.config._attn_implementation = ATTN_IMPLEMENTATION
+        self.backbone = model.base_model
+        self.lm_head = model.get_output_embeddings()
+        if config.lora_backend not in ("compiled", "eager"):
+            raise ValueError(f"lora_backend must be 'compiled' or 'eager', not {config.lora_backend!r}")
+        self.lora_batch = LoraBatch(check_targets=config.lora_backend == "eager")
+        self.layers = inject_multi_lora(model, self.lora_batch, config.lora_pages, config.lora_page_size)
+        self.pool = LoraPool(self.layers, config.lora_pages, config.lora_page_size, base.device)
+        self.merger = (
+            AutoMerger(self.layers, self.pool, config.merge_threshold, config.merge_window) if config.auto_merge else None
+        )
+        self.dtype = next(model.parameters()).dtype
+        self.cache = SlotKVCache(config.max_num_seqs, self.max_len, self.dtype, base.device)
+        kv_heads = getattr(model.config, "num_key_value_heads", None) or model.config.num_attention_heads
+        for m in model.modules():
+            if hasattr(m, "layer_idx") and hasattr(m, "head_dim"):  # the attention modules
+                self.cache.attach(m, kv_heads, m.head_dim)
+        if config.lora_backend == "compiled":
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+            blocks = set(getattr(model, "_no_split_modules", None) or ())
+            for m in model.modules():
+                if type(m).__name__ in blocks:
+                    # dims turn dynamic once they vary (the warmup makes them); the guards on the
+                    # wrapped nn.Linear / Conv1D internals are skipped: those never change in place
+                    m.compile(dynamic=None, options={"guard_filter_fn": torch.compiler.skip_guard_on_inbuilt_nn_modules_unsafe})
+        tok = base.tokenizer
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+
+    def layer_shapes(self) -> dict[str, tuple[int, int]]:
+        """{module path: (in, out)} of every adaptable layer, for validating adapters."""
+        return {name: layer_shape(layer.base_layer) for name, layer in self.layers.items()}
+
+    def warmup(self) -> None:
+        """Run every kind of forward (prefill and decode, with and without LoRA pages) at several
+        sizes, so that the compiled graphs exist, shape-generic, before traffic."""
+        # batch 1 specializes apart from batch >= 2, so each gets two prompt lengths / cache lengths
+        sizes = [(n, t, kv) for n in sorted({1, min(2, self.config.max_num_seqs), min(3, self.config.max_num_seqs)})
+                 for t, kv in ((3, 3), (5, 5), (1, 4), (1, 6))]
+        with torch.inference_mode():
+            for pages in (None, 1, 2):
+                for n, t, kv in sizes:
+                    if t > 1:
+                        self.cache.prepare_prefill(0, n, t)
+                    else:
+                        self.cache.prepare_decode(torch.full((n,), kv - 1, dtype=torch.long, device=self.device), kv)
+                    if pages:  # page 0 is zero: a LoRA term that adds nothing
+                        idx = torch.zeros(n, pages, dtype=torch.long, device=self.device)
+                        w = torch.zeros(n, pages, self.pool.page_size, dtype=self.dtype, device=self.device)
+                        self.lora_batch.set(idx, w, frozenset(), per_request=t > 1)
+                    ids = torch.full((n, t), self.pad_id, dtype=torch.long, device=self.device)
+                    pos = torch.arange(kv - t, kv, device=self.device)[None].repeat(n, 1)
+                    mask = torch.ones(n, 1, t, kv, dtype=torch.bool, device=self.device).tril(kv - t)
+                    self._forward(ids, pos, mask)
+                    self.lora_batch.clear()
+
+    def prefill(self, row0: int, prompts: list[list[int]], adapters: list[AdapterRows]) -> torch.Tensor:
+        """Prompts into cache rows row0.. (right-padded); returns (n, vocab) float32 last-token logits."""
+        n, lens = len(prompts), [len(p) for p in prompts]
+        t = max(lens)
+        ids = torch.full((n, t), self.pad_id, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, : lens[i]] = torch.tensor(p)
+        positions = torch.arange(t, device=self.device)[None].expand(n, t)
+        mask = torch.ones(t, t, dtype=torch.bool, device=self.device).tril()[None, None].repeat(n, 1, 1, 1)
+        self.cache.prepare_prefill(row0, n, t)
+        hidden = self._forward_with_lora(ids.to(self.device), positions, mask, adapters, per_request=True)
+        last = hidden[torch.arange(n, device=self.device), torch.tensor(lens, device=self.device) - 1]
+        return self.lm_head(last).float()
+
+    def decode(self, tokens: list[int], positions: list[int], adapters: list[AdapterRows]) -> torch.Tensor:
+        """One token for each of cache rows 0..B-1 at `positions`; returns (B, vocab) float32 logits."""
+        ids = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]
+        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
+        kv_len = max(positions) + 1
+        mask = (torch.arange(kv_len, device=self.device)[None] <= pos[:, None])[:, None, None, :]
+        self.cache.prepare_decode(pos, kv_len)
+        hidden = self._forward_with_lora(ids, pos[:, None], mask, adapters, per_request=False)
+        return self.lm_head(hidden[:, -1]).float()
+
+    def _forward_with_lora(self, ids, positions, mask, adapters: list[AdapterRows], per_request: bool) -> torch.Tensor:
+        self._set_lora(adapters, per_request)
+        try:
+            return self._forward(ids, positions, mask)
+        finally:
+            self.lora_batch.clear()
+
+    def _set_lora(self, adapters: list[AdapterRows], per_request: bool) -> None:
+        """Tell every multi-LoRA layer which pool pages (and weights) each sequence uses."""
+        m = self.merger
+        rows = [m.corrected(a) if m else [(p, w) for _, p, w in a] for a in adapters]
+        if not any(rows):
+            return  # base rows only (or only the merged adapter's): no LoRA term at all
+        k = _bucket(max(sum(p.shape[0] for p, _ in r) for r in rows))
+        idx = torch.zeros(len(rows), k, dtype=torch.long, device=self.device)
+        w = torch.zeros(len(rows), k, self.pool.page_size, dtype=self.dtype, device=self.device)
+        for i, r in enumerate(rows):
+            col = 0
+            for pages, weight in r:
+                idx[i, col : col + pages.shape[0]] = pages
+                w[i, col : col + pages.shape[0]] = weight
+                col += pages.shape[0]
+        keys = {a.key for seq in adapters for a, _, _ in seq}
+        if m and m.merged is not None:
+            keys.add(m.merged.key)
+        self.lora_batch.set(idx, w, frozenset(keys), per_request)
+
+    def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        out = self.backbone(
+            input_ids=input_ids, attention_mask=mask, position_ids=position_ids, past_key_values=self.cache, use_cache=True
+        )
+        return out.last_hidden_state
