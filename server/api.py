@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 
@@ -95,6 +96,19 @@ async def _sse(chunks: AsyncIterator[dict]) -> AsyncIterator[str]:
     yield "data: [DONE]\n\n"
 
 
+async def _unless_disconnected(request: Request, work):
+    """Await `work`, cancelling it (which aborts its engine requests) if the client goes away."""
+    task = asyncio.ensure_future(work)
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=0.25)
+        if done:
+            return task.result()
+        if await request.is_disconnected():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            raise APIError(499, "the client closed the request", "invalid_request_error")
+
+
 def _count(request: Request, endpoint: str, status: int) -> None:
     state_of(request).metrics.requests.labels(endpoint, str(status)).inc()
 
@@ -106,7 +120,7 @@ async def _generate(request: Request, endpoint: str, body, stream_fn, full_fn):
             chunks = await stream_fn(serving)(body)
             _count(request, endpoint, 200)
             return StreamingResponse(_sse(chunks), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        result = await full_fn(serving)(body)
+        result = await _unless_disconnected(request, full_fn(serving)(body))
     except APIError as e:
         _count(request, endpoint, e.status)
         raise

@@ -21,7 +21,7 @@ from starlette.datastructures import UploadFile
 from adapters.archive import extract_adapter_archive
 from adapters.names import is_valid_name
 from adapters.peft_io import CONFIG_NAME, WEIGHTS_NAME, AdapterError, load_peft_adapter
-from adapters.registry import Adapter, AdapterExists, AdapterNotFound
+from adapters.registry import Adapter, AdapterNotFound
 from server.api import require, serving_of, state_of
 from server.errors import APIError
 
@@ -66,30 +66,30 @@ async def upload_adapter(request: Request, overwrite: bool = False) -> dict:
     form = await request.form(max_files=4, max_fields=8)
     try:
         name = form.get("name")
-        problems = []
         if not isinstance(name, str) or not name:
             raise APIError(422, "the form field 'name' is required", "invalid_request_error", "name")
-        if not is_valid_name(name):
-            problems.append(f"invalid adapter name {name!r}: it must match ^[A-Za-z0-9][A-Za-z0-9._-]{{0,63}}$")
+        name_problems = [] if is_valid_name(name) else [
+            f"invalid adapter name {name!r}: it must match ^[A-Za-z0-9][A-Za-z0-9._-]{{0,63}}$"]
+        file_problems: list[str] = []  # problems that leave nothing to validate
         files: dict[str, UploadFile] = {}
         for field, value in form.multi_items():
             if isinstance(value, UploadFile):
                 role = _role(field, value)
                 if role == "pickle":
-                    problems.append(f"pickle weights ({value.filename or field}) are refused: upload {WEIGHTS_NAME}")
+                    name_problems.append(f"pickle weights ({value.filename or field}) are refused: upload {WEIGHTS_NAME}")
                 elif role == "unknown" or role in files:
-                    problems.append(f"unexpected file field {field!r} ({value.filename})")
+                    file_problems.append(f"unexpected file field {field!r} ({value.filename})")
                 else:
                     files[role] = value
         if "archive" in files and len(files) > 1:
-            problems.append("send either an archive or the two PEFT files, not both")
+            file_problems.append("send either an archive or the two PEFT files, not both")
         elif "archive" not in files:
             for f in (CONFIG_NAME, WEIGHTS_NAME):
                 if f not in files:
-                    problems.append(f"missing file {f} (or send one 'archive' .zip / .tar.gz)")
-        if any(p.startswith(("missing file", "send either", "unexpected file")) for p in problems):
-            raise APIError(400, "; ".join(problems), "invalid_request_error", "file")
-        return await _register(st, serving, name, files, overwrite, problems)
+                    file_problems.append(f"missing file {f} (or send one 'archive' .zip / .tar.gz)")
+        if file_problems:
+            raise APIError(400, "; ".join(name_problems + file_problems), "invalid_request_error", "file")
+        return await _register(st, serving, name, files, overwrite, name_problems)
     finally:
         await form.close()
 
@@ -126,11 +126,8 @@ async def _register(st, serving, name: str, files: dict[str, UploadFile], overwr
                     pass
             version = st.registry.next_version(name)
             stored = await asyncio.to_thread(st.store.save, name, adapter_dir, version)
-            try:
-                adapter = st.registry.add(name, weights, overwrite=overwrite, path=stored.path, sha256=stored.sha256,
-                                          size_bytes=stored.size_bytes, version=version)
-            except AdapterExists:  # registered meanwhile by --adapter-dir or a restart race
-                raise APIError(409, f"an adapter named '{name}' exists", "invalid_request_error", "name", "adapter_exists") from None
+            adapter = st.registry.add(name, weights, overwrite=overwrite, path=stored.path, sha256=stored.sha256,
+                                      size_bytes=stored.size_bytes, version=version)
             await asyncio.to_thread(st.store.prune, name, version)
         st.engine.drop_retired()
         return adapter_object(adapter, serving.base.model_id)

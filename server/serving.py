@@ -150,8 +150,11 @@ class Serving:
         gens = [self.engine.generate(prompts[i // req.n], sp, uses) for i, sp in enumerate(params)]
 
         async def pump(i: int, gen) -> None:
-            async for out in gen:
-                await queue.put((i, out))
+            try:
+                async for out in gen:
+                    await queue.put((i, out))
+            except Exception as e:  # still an answer for this choice, never a hang
+                await queue.put((i, RequestOutput("", "", [], None, "error", 0, 0, f"internal error: {e.__class__.__name__}")))
 
         tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(gens)]
         done = 0
