@@ -29,6 +29,9 @@ lint: install
 
 bench: install
 	$(PY) benchmarks/throughput.py
+	$(PY) benchmarks/http_load.py
+	$(PY) benchmarks/rotation.py
+	$(PY) benchmarks/upload_latency.py
 
 clean:
 	rm -rf $(VENV)

@@ -17,8 +17,8 @@ import torch
 from fastapi import FastAPI
 
 from adapters.names import is_valid_name
-from adapters.peft_io import AdapterError, check_fits, describe_peft_adapter, load_peft_adapter
-from adapters.registry import AdapterRegistry
+from adapters.peft_io import AdapterError, describe_peft_adapter, load_peft_adapter
+from adapters.registry import AdapterExists, AdapterRegistry
 from adapters.store import AdapterStore, file_sha256
 from server.async_engine import AsyncEngine
 from server.auth import load_api_keys
@@ -61,14 +61,15 @@ def load_adapter_dir(state: AppState, directory: Path) -> None:
             log.error("skipping adapter directory %s: not a valid adapter name", sub.name)
             continue
         try:
-            weights = load_peft_adapter(sub)
-            check_fits(weights, state.engine.layer_shapes(), state.settings.max_lora_rank)
+            weights = load_peft_adapter(sub, state.engine.layer_shapes(), state.settings.max_lora_rank)
             files = [sub / "adapter_config.json", sub / "adapter_model.safetensors"]
             state.registry.add(sub.name, weights, path=sub, sha256=file_sha256(files[1]),
                                size_bytes=sum(f.stat().st_size for f in files))
             log.info("loaded adapter %s (rank %d)", sub.name, weights.rank)
         except AdapterError as e:
             log.error("skipping adapter %s: %s", sub.name, e)
+        except AdapterExists:
+            log.error("skipping adapter directory %s: an uploaded adapter has that name", sub.name)
 
 
 def load_store(state: AppState) -> None:

@@ -80,22 +80,17 @@ def start_server(settings: Settings, timeout: float = 120) -> LiveServer:
     return live
 
 
+def tiny_settings(model_dir: Path, data_dir: Path, **overrides) -> Settings:
+    """Small limits for a tiny model: eager LoRA backend, 8 rows of 128 tokens, 16 pages of 8 rank rows."""
+    defaults = dict(model=str(model_dir), data_dir=data_dir, max_model_len=128, max_num_seqs=8, lora_pages=16,
+                    lora_page_size=8, max_lora_rank=16, lora_backend="eager")
+    return Settings(**(defaults | overrides))
+
+
 @pytest.fixture(scope="session")
 def live_server(tmp_path_factory, llama_dir, adapter_dir) -> Iterator[LiveServer]:
-    """The tiny Llama with adapters alpha and beta, eager LoRA backend, small limits."""
-    settings = Settings(
-        model=str(llama_dir),
-        adapter_dir=adapter_dir,
-        data_dir=tmp_path_factory.mktemp("data"),
-        max_model_len=128,
-        max_num_seqs=8,
-        lora_pages=16,
-        lora_page_size=8,
-        max_lora_rank=16,
-        lora_backend="eager",
-        max_waiting=64,
-    )
-    live = start_server(settings)
+    """The tiny Llama with adapters alpha and beta."""
+    live = start_server(tiny_settings(llama_dir, tmp_path_factory.mktemp("data"), adapter_dir=adapter_dir, max_waiting=64))
     yield live
     live.stop()
 

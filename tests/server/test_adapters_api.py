@@ -10,12 +10,10 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from conftest import start_server
+from conftest import start_server, tiny_settings
 from peft import PeftModel
 from tiny import make_peft_adapter
 from transformers import AutoModelForCausalLM
-
-from server.settings import Settings
 
 BASE = "llama"
 
@@ -36,10 +34,7 @@ def greedy(http: httpx.Client, model: str, **extra) -> str:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, llama_dir):
-    settings = Settings(model=str(llama_dir), data_dir=tmp_path_factory.mktemp("data"), max_model_len=128,
-                        max_num_seqs=8, lora_pages=16, lora_page_size=8, max_lora_rank=16, lora_backend="eager",
-                        max_upload_bytes=2 * 2**20)
-    live = start_server(settings)
+    live = start_server(tiny_settings(llama_dir, tmp_path_factory.mktemp("data"), max_upload_bytes=2 * 2**20))
     yield live
     live.stop()
 
@@ -132,8 +127,7 @@ def test_over_the_upload_limit_is_413(client):
 
 
 def test_store_survives_a_restart(tmp_path, llama_dir, peft_dirs):
-    settings = Settings(model=str(llama_dir), data_dir=tmp_path, max_model_len=128, max_num_seqs=4, lora_pages=8,
-                        lora_page_size=8, max_lora_rank=16, lora_backend="eager")
+    settings = tiny_settings(llama_dir, tmp_path, max_num_seqs=4, lora_pages=8)
     live = start_server(settings)
     try:
         with httpx.Client(base_url=live.url, timeout=60) as c:
@@ -154,8 +148,7 @@ def test_store_survives_a_restart(tmp_path, llama_dir, peft_dirs):
 def test_host_tier_evicts_and_reloads(tmp_path, llama_dir, peft_dirs):
     """With room for one adapter in host memory, three still serve: the others are re-read from disk."""
     one = sum(p.stat().st_size for p in peft_dirs["one"].iterdir())
-    settings = Settings(model=str(llama_dir), data_dir=tmp_path, max_model_len=128, max_num_seqs=4, lora_pages=4,
-                        lora_page_size=8, max_lora_rank=16, lora_backend="eager", host_adapter_bytes=one)
+    settings = tiny_settings(llama_dir, tmp_path, max_num_seqs=4, lora_pages=4, host_adapter_bytes=one)
     live = start_server(settings)
     try:
         with httpx.Client(base_url=live.url, timeout=60) as c:

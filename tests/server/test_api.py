@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from conftest import LiveServer, start_server
+from conftest import LiveServer, start_server, tiny_settings
 
 from server.settings import Settings
 
@@ -94,19 +94,8 @@ def n_tokens(live_server: LiveServer, text: str) -> int:
 
 def small_settings(tmp_path, **overrides) -> Settings:
     """The live_server fixture's settings, for servers of their own."""
-    return Settings(
-        **{
-            "data_dir": tmp_path / "data",
-            "max_model_len": 128,
-            "max_num_seqs": 8,
-            "lora_pages": 16,
-            "lora_page_size": 8,
-            "max_lora_rank": 16,
-            "lora_backend": "eager",
-            "max_waiting": 64,
-        }
-        | overrides
-    )
+    model = overrides.pop("model")
+    return tiny_settings(model, tmp_path / "data", **({"max_waiting": 64} | overrides))
 
 
 def stop_now(live: LiveServer) -> None:

@@ -18,12 +18,10 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from conftest import start_server
+from conftest import start_server, tiny_settings
 from safetensors.torch import load_file
 from safetensors.torch import save as st_save
 from tiny import make_peft_adapter
-
-from server.settings import Settings
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -111,18 +109,7 @@ def crafted_safetensors(header: dict, data: bytes) -> bytes:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, llama_dir):
-    settings = Settings(
-        model=str(llama_dir),
-        data_dir=tmp_path_factory.mktemp("data"),
-        max_model_len=128,
-        max_num_seqs=8,
-        lora_pages=16,
-        lora_page_size=8,
-        max_lora_rank=16,
-        lora_backend="eager",
-        max_upload_bytes=LIMIT,
-    )
-    live = start_server(settings)
+    live = start_server(tiny_settings(llama_dir, tmp_path_factory.mktemp("data"), max_upload_bytes=LIMIT))
     yield live
     live.stop()
 
