@@ -58,7 +58,7 @@ def test_sigterm_lets_the_running_stream_finish(llama_dir, tmp_path):
         assert events[-1] == "[DONE]"
         chunks = [json.loads(e) for e in events[:-1]]
         assert "error" not in chunks[-1] and chunks[-1]["choices"][0]["finish_reason"] == "length"
-        assert proc.wait(60) == 0
+        assert proc.wait(60) in (0, -signal.SIGTERM)  # uvicorn re-raises SIGTERM after its graceful shutdown
     finally:
         if proc.poll() is None:
             proc.kill()
