@@ -45,10 +45,6 @@ class LoraPool:
         self.loads = 0
         self.evictions = 0
 
-    @property
-    def free_pages(self) -> int:
-        return len(self._free)
-
     def resident_count(self) -> int:
         return len(self._resident)
 

@@ -115,7 +115,7 @@ def start_engine(state: AppState) -> None:
         state.load_error = f"{e.__class__.__name__}: {e}"
 
 
-def create_app(settings: Settings, *, load_in_background: bool = True) -> FastAPI:
+def create_app(settings: Settings) -> FastAPI:
     state = AppState(
         settings=settings,
         store=AdapterStore(settings.data_dir / "adapters"),
@@ -127,8 +127,6 @@ def create_app(settings: Settings, *, load_in_background: bool = True) -> FastAP
     async def lifespan(app: FastAPI):
         loader = threading.Thread(target=start_engine, args=(state,), name="loraplex-loader", daemon=True)
         loader.start()
-        if not load_in_background:
-            loader.join()
         yield
         state.draining = True
         if state.async_engine:

@@ -140,7 +140,6 @@ class Engine:
         # counters read by the metrics
         self.tokens_generated = 0
         self.prompt_tokens = 0
-        self.steps = 0
 
     # ---- outside world (any thread) -------------------------------------------------------
 
@@ -234,7 +233,7 @@ class Engine:
                         self._fail_running(f"internal error in the engine: {e.__class__.__name__}")
         finally:
             self.alive = False
-            self._fail_running("the server is shutting down")
+            self._fail_running("the server is shutting down", reason="abort")
             for seq in self._waiting:
                 self._finish(seq, "abort", error="the server is shutting down")
 
@@ -261,7 +260,6 @@ class Engine:
             self._prefill(new)
         if self._running:
             self._decode()
-        self.steps += 1
 
     def _admit(self) -> list[_Sequence]:
         new: list[_Sequence] = []
@@ -385,8 +383,8 @@ class Engine:
                 self._running[row] = mover
             self._running.pop()
 
-    def _fail_running(self, message: str) -> None:
+    def _fail_running(self, message: str, reason: str = "error") -> None:
         running, self._running = self._running, []
         for seq in running:
-            self._finish(seq, "error", error=message)
+            self._finish(seq, reason, error=message)
         self.runner.lora_batch.clear()

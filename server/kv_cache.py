@@ -42,10 +42,6 @@ class SlotKVCache:
         attention.loraplex_cache = self
         self.modules.append(attention)
 
-    @property
-    def nbytes(self) -> int:
-        return sum(m.loraplex_k.nbytes + m.loraplex_v.nbytes for m in self.modules)
-
     def prepare_prefill(self, row0: int, n: int, length: int) -> None:
         """Next forward: rows row0..row0+n-1, tokens at positions 0..length-1."""
         self.positions, self.kv_len = None, length

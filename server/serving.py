@@ -33,7 +33,8 @@ class _Choice:
 
     def add(self, out: RequestOutput) -> None:
         if out.error:
-            raise APIError(503 if "shutting down" in out.error else 500, out.error, "server_error")
+            # "abort" with a reason: the server stopped it (shutdown); "error": the engine failed
+            raise APIError(503 if out.finish_reason == "abort" else 500, out.error, "server_error")
         self.text += out.text
         self.token_ids += out.token_ids
         self.logprobs += out.logprobs or []
