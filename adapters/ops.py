@@ -13,7 +13,11 @@ Operands of one layer (the pool is cut into pages of G consecutive rank rows):
 Semantics (every op here returns the same value up to floating-point rounding):
     for each token i: out[i] = Σ_k Σ_g weights[i, k, g] · (x[i] @ lora_a[idx[i, k], g]) · lora_bt[idx[i, k], g]
 
-`lora_reference` is that loop and the spec every fast path is tested against.
+`lora_reference` is that loop and the spec every fast path is tested against. `lora_linear` is the
+single-adapter term a trainer differentiates through (loralib's one-line forward): every token on
+one adapter, A (r, in), B (out, r), its scale applied once:
+    for each token i: out[i] = scaling · (x[i] @ lora_a.T) @ lora_b.T
+which is `lora_reference` with one page set of A rows, Bᵀ rows times `scaling`, and weights 1.
 """
 
 from __future__ import annotations
@@ -61,3 +65,8 @@ def lora_batched(
     bt = lora_bt[idx].flatten(1, 2)  # (n, K·G, out)
     xa = torch.bmm(x.view(n, -1, x.shape[1]), a.transpose(1, 2)) * weights.flatten(1)[:, None, :]  # (n, T, K·G)
     return torch.bmm(xa, bt).flatten(0, 1)
+
+
+def lora_linear(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """One adapter's LoRA term for every row of x (..., in) -> (..., out): `(x @ Aᵀ @ Bᵀ) · scaling`."""
+    return (x @ lora_a.T @ lora_b.T) * scaling

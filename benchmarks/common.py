@@ -10,9 +10,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
+import socket
 import statistics
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import httpx
 import torch
 from torch import nn
 
@@ -136,3 +143,46 @@ def write_json(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2) + "\n")
     print(f"wrote {path}")
+
+
+# --- a server subprocess ---------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_server(port: int, log_path: Path, model: str | None, env: dict[str, str]) -> subprocess.Popen:
+    """`python -m server` on 127.0.0.1:`port`, configured only by `env` (LORAPLEX_* variables), logging to `log_path`."""
+    full = {k: v for k, v in os.environ.items() if not k.startswith("LORAPLEX_")} | env
+    if model:
+        full["LORAPLEX_MODEL"] = model
+    cmd = [sys.executable, "-m", "server", "--port", str(port), "--log-level", "warning"]
+    with log_path.open("w") as log:
+        return subprocess.Popen(cmd, cwd=REPO, env=full, stdout=log, stderr=subprocess.STDOUT)
+
+
+def wait_ready(proc: subprocess.Popen, url: str, timeout: float, log_path: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"{url}/health/ready", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"the server was not ready within {timeout:.0f} s:\n{log_path.read_text()[-3000:]}")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)

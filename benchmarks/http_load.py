@@ -22,9 +22,6 @@ import argparse
 import asyncio
 import itertools
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,14 +35,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmar
 
 from benchmarks.common import (  # noqa: E402
     PROMPTS,
-    REPO,
     RESULTS_DIR,
     adapter_name,
     add_server_args,
+    free_port,
+    launch_server,
     make_random_adapters,
     print_table,
     resolve_model_path,
+    stop_server,
     target_shapes,
+    wait_ready,
     write_json,
     write_peft_adapters,
 )
@@ -91,16 +91,9 @@ def adapter_shapes(model_path: str) -> dict[str, tuple[int, int]]:
     return target_shapes(model)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(args, adapter_dir: Path, data_dir: Path, port: int, log_path: Path) -> subprocess.Popen:
     """`python -m server` with this benchmark's limits (through LORAPLEX_* variables)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LORAPLEX_")}
-    env |= {
+    return launch_server(port, log_path, args.model, {
         "LORAPLEX_ADAPTER_DIR": str(adapter_dir),
         "LORAPLEX_DATA_DIR": str(data_dir),
         "LORAPLEX_CACHE_DIR": str(args.cache_dir.resolve()),
@@ -111,36 +104,7 @@ def start_server(args, adapter_dir: Path, data_dir: Path, port: int, log_path: P
         "LORAPLEX_MAX_LORA_RANK": "16",
         "LORAPLEX_LORA_BACKEND": args.backend,
         "LORAPLEX_DRAIN_TIMEOUT": "5",
-    }
-    if args.model:
-        env["LORAPLEX_MODEL"] = args.model
-    cmd = [sys.executable, "-m", "server", "--port", str(port), "--log-level", "warning"]
-    with log_path.open("w") as log:
-        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-
-
-def wait_ready(proc: subprocess.Popen, url: str, timeout: float, log_path: Path) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/health/ready", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"the server was not ready within {timeout:.0f} s:\n{log_path.read_text()[-3000:]}")
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+    })
 
 
 async def stream_chat(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int) -> Result:

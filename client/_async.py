@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -284,11 +284,23 @@ class AsyncLoraplexClient:
         async for event in self._stream(request, JobEvent):
             yield event
 
-    async def wait_job(self, id: str, poll_interval: float = 1.0, timeout: float | None = None) -> FineTuningJob:
-        """Poll until the job succeeds, fails or is cancelled; `TimeoutError` after `timeout` s."""
+    async def wait_job(
+        self,
+        id: str,
+        poll_interval: float = 1.0,
+        timeout: float | None = None,
+        on_update: Callable[[FineTuningJob], None] | None = None,
+    ) -> FineTuningJob:
+        """Poll until the job succeeds, fails or is cancelled; `TimeoutError` after `timeout` s.
+
+        `on_update(job)` sees every poll's job (its `metrics` carry step, total_steps and train_loss):
+        a progress bar hooks in there.
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             job = await self.get_job(id)
+            if on_update is not None:
+                on_update(job)
             if job.status in protocol.TERMINAL_JOB_STATUSES:
                 return job
             await asyncio.sleep(protocol.poll_delay(id, job.status, deadline, poll_interval))

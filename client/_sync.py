@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -275,11 +275,23 @@ class LoraplexClient:
         request = Request("GET", f"/v1/fine_tuning/jobs/{path_segment(id)}/events", params={"stream": "true"})
         yield from self._stream(request, JobEvent)
 
-    def wait_job(self, id: str, poll_interval: float = 1.0, timeout: float | None = None) -> FineTuningJob:
-        """Poll until the job succeeds, fails or is cancelled; `TimeoutError` after `timeout` s."""
+    def wait_job(
+        self,
+        id: str,
+        poll_interval: float = 1.0,
+        timeout: float | None = None,
+        on_update: Callable[[FineTuningJob], None] | None = None,
+    ) -> FineTuningJob:
+        """Poll until the job succeeds, fails or is cancelled; `TimeoutError` after `timeout` s.
+
+        `on_update(job)` sees every poll's job (its `metrics` carry step, total_steps and train_loss):
+        a progress bar hooks in there.
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             job = self.get_job(id)
+            if on_update is not None:
+                on_update(job)
             if job.status in protocol.TERMINAL_JOB_STATUSES:
                 return job
             time.sleep(protocol.poll_delay(id, job.status, deadline, poll_interval))

@@ -4,4 +4,5 @@ import sys
 
 from server.cli import app
 
-app(["serve", *sys.argv[1:]])
+if __name__ == "__main__":  # not when a spawned training worker imports the main module
+    app(["serve", *sys.argv[1:]])

@@ -107,32 +107,45 @@ async def _register(st, serving, name: str, files: dict[str, UploadFile], overwr
             else:
                 for role, upload in files.items():
                     _write(upload, adapter_dir / role)
-            return load_peft_adapter(adapter_dir, serving.layer_shapes, st.settings.max_lora_rank)
 
-        try:
-            weights = await asyncio.to_thread(prepare)
-        except AdapterError as e:
-            problems = problems + e.problems
-        if problems:
-            raise APIError(400, "invalid adapter: " + "; ".join(problems), "invalid_request_error", "file")
-        lock = st.name_locks.setdefault(name, asyncio.Lock())
-        async with lock:
-            if not overwrite:
-                try:
-                    st.registry.get(name)
-                    raise APIError(409, f"an adapter named '{name}' exists (use ?overwrite=true to replace it)",
-                                   "invalid_request_error", "name", "adapter_exists")
-                except AdapterNotFound:
-                    pass
-            version = st.registry.next_version(name)
-            stored = await asyncio.to_thread(st.store.save, name, adapter_dir, version)
-            adapter = st.registry.add(name, weights, overwrite=overwrite, path=stored.path, sha256=stored.sha256,
-                                      size_bytes=stored.size_bytes, version=version)
-            await asyncio.to_thread(st.store.prune, name, version)
-        st.engine.drop_retired()
+        await asyncio.to_thread(prepare)
+        adapter = await register_adapter_dir(st, name, adapter_dir, overwrite, problems)
         return adapter_object(adapter, serving.base.model_id)
+    except AdapterError as e:
+        raise APIError(400, "invalid adapter: " + "; ".join(problems + e.problems), "invalid_request_error", "file") from None
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+async def register_adapter_dir(st, name: str, adapter_dir: Path, overwrite: bool, problems: list[str] = ()) -> Adapter:
+    """Validate a PEFT adapter directory against this base model, store it and register it: servable on return.
+
+    Raises AdapterError with every problem (`problems` first), or APIError 409 if the name is taken
+    and not `overwrite`. Shared by uploads and training jobs, so a trained adapter passes the same checks.
+    """
+    serving = st.serving
+    try:
+        weights = await asyncio.to_thread(load_peft_adapter, adapter_dir, serving.layer_shapes, st.settings.max_lora_rank)
+    except AdapterError as e:
+        raise AdapterError(list(problems) + e.problems) from None
+    if problems:
+        raise AdapterError(list(problems))
+    lock = st.name_locks.setdefault(name, asyncio.Lock())
+    async with lock:
+        if not overwrite:
+            try:
+                st.registry.get(name)
+                raise APIError(409, f"an adapter named '{name}' exists (use ?overwrite=true to replace it)",
+                               "invalid_request_error", "name", "adapter_exists")
+            except AdapterNotFound:
+                pass
+        version = st.registry.next_version(name)
+        stored = await asyncio.to_thread(st.store.save, name, adapter_dir, version)
+        adapter = st.registry.add(name, weights, overwrite=overwrite, path=stored.path, sha256=stored.sha256,
+                                  size_bytes=stored.size_bytes, version=version)
+        await asyncio.to_thread(st.store.prune, name, version)
+    st.engine.drop_retired()
+    return adapter
 
 
 @router.get("/v1/adapters", dependencies=[Depends(require("inference"))])

@@ -24,6 +24,8 @@ from server.async_engine import AsyncEngine
 from server.auth import load_api_keys
 from server.engine import Engine
 from server.errors import install_error_handlers
+from server.job_store import JobStore
+from server.jobs import JobRunner, RunnerConfig
 from server.limits import BodySizeLimit
 from server.metrics import Metrics
 from server.model import BaseModel, load_base_model
@@ -40,6 +42,8 @@ class AppState:
     settings: Settings
     store: AdapterStore
     registry: AdapterRegistry
+    jobs: JobStore
+    runner: JobRunner | None = None
     metrics: Metrics = field(default_factory=Metrics)
     name_locks: dict = field(default_factory=dict)  # adapter name → asyncio.Lock for writes
     api_keys: dict[str, set[str]] | None = None
@@ -121,27 +125,43 @@ def create_app(settings: Settings) -> FastAPI:
         store=AdapterStore(settings.data_dir / "adapters"),
         registry=AdapterRegistry(host_bytes=settings.host_adapter_bytes),
         api_keys=load_api_keys(settings.api_keys_file),
+        jobs=JobStore(settings.data_dir / "jobs.db"),
     )
+    state.metrics.bind_jobs(state.jobs.count_by_status)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         loader = threading.Thread(target=start_engine, args=(state,), name="loraplex-loader", daemon=True)
         loader.start()
+        from server.api_jobs import register_trained
+
+        state.runner = JobRunner(
+            state.jobs,
+            RunnerConfig(settings.data_dir, settings.max_concurrent_jobs, settings.training_threads,
+                         stop_timeout=settings.drain_timeout),
+            model_path=lambda: state.base.path if state.ready else None,
+            register=lambda job, adapter_dir: register_trained(state, job, adapter_dir),
+        )
+        state.runner.start()
         yield
         state.draining = True
         if state.async_engine:
             state.async_engine.draining = True
+        await state.runner.stop()
         loader.join()
         if state.engine:
             state.engine.stop()
+        state.jobs.close()
 
     app = FastAPI(title="loraplex", lifespan=lifespan)
     app.state.loraplex = state
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, default=settings.max_request_bytes,
-                       per_path={"/v1/adapters": settings.max_upload_bytes})
-    from server import api, api_adapters  # the routes reach the state through the app
+                       per_path={"/v1/adapters": settings.max_upload_bytes,
+                                 "/v1/files": settings.max_training_file_bytes})
+    from server import api, api_adapters, api_jobs  # the routes reach the state through the app
 
     app.include_router(api.router)
     app.include_router(api_adapters.router)
+    app.include_router(api_jobs.router)
     return app

@@ -132,5 +132,176 @@ def adapters_download(name: str, dest: Annotated[Path, typer.Argument(help="File
         typer.echo(str(_run(lambda: c.download_adapter(name, dest))))
 
 
+# --- training ------------------------------------------------------------------------------
+
+
+@app.command()
+def train(
+    train_file: Annotated[Path, typer.Argument(help="JSONL: {prompt, completion} or {messages} per line.")],
+    out: Annotated[Path, typer.Option("--out", help="Directory to write the PEFT adapter to.")],
+    model: Annotated[str | None, typer.Option(help="HF model directory or hub id [default: embedded SmolLM2-135M-Instruct].")] = None,
+    validation_file: Annotated[Path | None, typer.Option(help="JSONL evaluated during training.")] = None,
+    method: Annotated[str, typer.Option(help="lora or switchlora.")] = "lora",
+    rank: Annotated[int, typer.Option(help="LoRA rank.")] = 8,
+    alpha: Annotated[float | None, typer.Option(help="LoRA alpha [2 * rank].")] = None,
+    target_modules: Annotated[str | None, typer.Option(help="Comma-separated module names [all linear layers].")] = None,
+    n_epochs: Annotated[int, typer.Option(help="Passes over the data.")] = 3,
+    max_steps: Annotated[int | None, typer.Option(help="Optimizer steps (overrides --n-epochs).")] = None,
+    learning_rate: Annotated[float, typer.Option(help="Peak learning rate.")] = 2e-4,
+    batch_size: Annotated[int, typer.Option(help="Examples per step.")] = 8,
+    max_length: Annotated[int, typer.Option(help="Tokens per example at most.")] = 1024,
+    seed: Annotated[int, typer.Option(help="Seed: the same seed gives the same adapter.")] = 0,
+    checkpoint_dir: Annotated[Path | None, typer.Option(help="Checkpoint here; a rerun resumes from it.")] = None,
+    threads: Annotated[int | None, typer.Option(help="Torch threads.")] = None,
+    data_dir: Annotated[Path, typer.Option(help="Where the default model's converted copy is cached.")] = Path(".loraplex"),
+) -> None:
+    """Train an adapter offline (no server), with a progress bar."""
+    import torch
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from adapters.data import DataError
+    from adapters.trainer import TrainConfig
+    from adapters.trainer import train as run_training
+    from server.model import DEFAULT_MODEL_ID, prepare_default_model
+
+    if threads:
+        torch.set_num_threads(threads)
+    if model is None or model == DEFAULT_MODEL_ID:
+        model = str(prepare_default_model(data_dir / "cache"))
+    cfg = TrainConfig(
+        model=model, train_file=train_file, out_dir=out, validation_file=validation_file, method=method, rank=rank,
+        alpha=alpha or 2.0 * rank, target_modules=target_modules.split(",") if target_modules else None,
+        n_epochs=n_epochs, max_steps=max_steps, learning_rate=learning_rate, batch_size=batch_size,
+        max_length=max_length, seed=seed, checkpoint_dir=checkpoint_dir,
+    )
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
+               TextColumn("{task.fields[status]}"), TimeRemainingColumn())
+    with Progress(*columns) as progress:
+        task = progress.add_task("training", total=None, status="loading")
+
+        def on_event(e: dict) -> None:
+            if e["type"] == "step":
+                progress.update(task, completed=e["step"], total=e["total_steps"],
+                                status=f"loss {e['loss']:.4f}  {e['tokens_per_second']:.0f} tok/s")
+            elif e["type"] == "eval":
+                progress.console.print(f"step {e['step']}: validation loss {e['eval_loss']:.4f}")
+            elif e["type"] == "info":
+                progress.console.print(e["message"])
+
+        try:
+            result = run_training(cfg, on_event=on_event)
+        except DataError as e:
+            typer.secho("invalid training data:\n  " + "\n  ".join(e.problems), fg="red", err=True)
+            raise typer.Exit(1) from None
+    typer.echo(f"{result.status}: {result.steps} steps, {result.trained_tokens} trained tokens, "
+               f"loss {result.train_loss:.4f}; adapter written to {result.out_dir}")
+
+
+jobs_app = typer.Typer(no_args_is_help=True, help="Training jobs of a running server.")
+app.add_typer(jobs_app, name="jobs")
+
+
+def _print_jobs(jobs) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("id", "status", "adapter", "step", "loss", "trained tokens", "error")
+    for j in jobs:
+        m = j.metrics or {}
+        loss = m.get("train_loss")
+        error = j.error.message if hasattr(j.error, "message") else (j.error or "")
+        table.add_row(j.id, j.status, j.adapter_name, f"{m.get('step', 0)}/{m.get('total_steps', '?')}",
+                      "" if loss is None else f"{loss:.4f}", str(j.trained_tokens or 0), error)
+    Console().print(table)
+
+
+@jobs_app.command("create")
+def jobs_create(
+    train_file: Annotated[Path, typer.Argument(help="JSONL training file (uploaded first).")],
+    adapter_name: Annotated[str, typer.Option("--adapter-name", "-n", help="Name to serve the adapter under.")],
+    validation_file: Annotated[Path | None, typer.Option(help="JSONL validation file.")] = None,
+    method: Annotated[str, typer.Option(help="lora or switchlora.")] = "lora",
+    hyperparameter: Annotated[list[str] | None, typer.Option("--set", help="KEY=VALUE hyperparameter (JSON value), repeatable.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed.")] = None,
+    wait: Annotated[bool, typer.Option(help="Wait for the job with a progress bar.")] = False,
+    url: Url = "http://127.0.0.1:8000",
+    api_key: Key = None,
+) -> None:
+    """Upload the file(s) and start a job."""
+    import json
+
+    hp = {}
+    for item in hyperparameter or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            hp[key] = json.loads(value)
+        except json.JSONDecodeError:
+            hp[key] = value
+    with _client(url, api_key) as c:
+        train_id = _run(lambda: c.upload_file(train_file)).id
+        val_id = _run(lambda: c.upload_file(validation_file)).id if validation_file else None
+        job = _run(lambda: c.create_job(train_id, adapter_name, {"type": method, "hyperparameters": hp}, val_id, seed))
+        typer.echo(job.id)
+        if wait:
+            _follow_job(c, job.id)
+
+
+def _follow_job(c, job_id: str) -> None:
+    from rich.progress import BarColumn, Progress, TextColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TextColumn("{task.fields[status]}")) as progress:
+        task = progress.add_task(job_id, total=None, status="queued")
+
+        def follow() -> None:
+            for e in c.stream_job_events(job_id):
+                d = e.data or {}
+                if "loss" in d:
+                    progress.update(task, completed=d["step"], total=d["total_steps"], status=f"loss {d['loss']:.4f}")
+                else:
+                    progress.console.print(e.message)
+
+        _run(follow)
+    job = _run(lambda: c.get_job(job_id))
+    if job.status != "succeeded":
+        raise typer.Exit(1)
+
+
+@jobs_app.command("list")
+def jobs_list(url: Url = "http://127.0.0.1:8000", api_key: Key = None) -> None:
+    """List the jobs."""
+    with _client(url, api_key) as c:
+        _print_jobs(_run(c.list_jobs))
+
+
+@jobs_app.command("show")
+def jobs_show(job_id: str, url: Url = "http://127.0.0.1:8000", api_key: Key = None) -> None:
+    """Show one job as JSON."""
+    with _client(url, api_key) as c:
+        typer.echo(_run(lambda: c.get_job(job_id)).model_dump_json(indent=2))
+
+
+@jobs_app.command("cancel")
+def jobs_cancel(job_id: str, url: Url = "http://127.0.0.1:8000", api_key: Key = None) -> None:
+    """Cancel a queued or running job."""
+    with _client(url, api_key) as c:
+        _print_jobs([_run(lambda: c.cancel_job(job_id))])
+
+
+@jobs_app.command("events")
+def jobs_events(job_id: str, follow: Annotated[bool, typer.Option("--follow", "-f", help="Follow until the job ends.")] = False,
+                url: Url = "http://127.0.0.1:8000", api_key: Key = None) -> None:
+    """Print a job's events (loss curve included)."""
+    with _client(url, api_key) as c:
+
+        def show() -> None:
+            for e in c.stream_job_events(job_id) if follow else c.job_events(job_id):
+                typer.echo(e.message)
+
+        _run(show)
+
+
 if __name__ == "__main__":
     app()

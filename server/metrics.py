@@ -6,6 +6,8 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from server.job_store import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED
+
 # beyond this many distinct adapter names the `adapter` label folds into "other"
 MAX_ADAPTER_LABELS = 100
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30, 60)
@@ -30,6 +32,7 @@ class Metrics:
         self.merged = Gauge("loraplex_adapter_merged", "1 while an adapter is merged into the base weights", registry=r)
         self.merges = Gauge("loraplex_adapter_merges_total", "Automatic merges of a dominant adapter", registry=r)
         self.unmerges = Gauge("loraplex_adapter_unmerges_total", "Automatic unmerges", registry=r)
+        self.jobs = Gauge("loraplex_training_jobs", "Training jobs by status", ["status"], registry=r)
         self._labels: set[str] = set()
 
     def adapter_label(self, name: str) -> str:
@@ -37,6 +40,11 @@ class Metrics:
             self._labels.add(name)
             return name
         return "other"
+
+    def bind_jobs(self, counts: Callable[[], dict[str, int]]) -> None:
+        """Read the training jobs by status from the job store at scrape time."""
+        for status in (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED):
+            self.jobs.labels(status=status).set_function(lambda s=status: counts().get(s, 0))
 
     def bind(self, **sources: Callable[[], float]) -> None:
         """Read gauges from live objects at scrape time: bind(waiting=lambda: engine.num_waiting, ...)."""

@@ -34,6 +34,8 @@ class BaseModel:
     tokenizer: PreTrainedTokenizerBase
     model_id: str
     max_model_len: int
+    path: str = ""
+    """Where the weights were loaded from (an HF directory or hub id): the trainer loads its own copy."""
 
     @property
     def device(self) -> torch.device:
@@ -107,4 +109,4 @@ def load_base_model(
     tokenizer = AutoTokenizer.from_pretrained(path)
     context = getattr(hf_model.config, "max_position_embeddings", None) or getattr(hf_model.config, "n_positions", 2048)
     limit = min(context, max_model_len) if max_model_len else context
-    return BaseModel(model=hf_model, tokenizer=tokenizer, model_id=model_id, max_model_len=limit)
+    return BaseModel(model=hf_model, tokenizer=tokenizer, model_id=model_id, max_model_len=limit, path=path)

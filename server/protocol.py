@@ -111,3 +111,61 @@ class ChatCompletionRequest(_Sampling):
         if self.response_format and self.response_format.get("type") not in (None, "text"):
             return "response_format other than text is not supported"
         return super().unsupported()
+
+
+# --- training jobs (API.md, Training jobs) -------------------------------------------------
+
+
+class Hyperparameters(BaseModel):
+    """The trainer's settings a job may set; unknown keys are refused (a typo must not train with a default)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rank: int = Field(8, ge=1)
+    alpha: float | None = Field(None, gt=0)  # default: 2 * rank
+    target_modules: list[str] | None = None
+    n_epochs: int | Literal["auto"] = 3
+    max_steps: int | None = Field(None, ge=1)
+    learning_rate: float | Literal["auto"] | None = None
+    batch_size: int | Literal["auto"] = 8
+    grad_accum: int = Field(1, ge=1)
+    warmup_ratio: float = Field(0.03, ge=0, le=1)
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    max_length: int = Field(1024, ge=8)
+    packing: bool = False
+    gradient_checkpointing: bool = False
+    dropout: float = Field(0.0, ge=0, lt=1)
+    eval_every: int | None = Field(None, ge=1)
+    early_stopping_patience: int | None = Field(None, ge=1)
+    export_rank: int | None = Field(None, ge=1)
+    switch_interval: float = Field(40.0, gt=0)
+    switch_ratio: float = Field(0.1, gt=0, le=1)
+    switch_warm_steps: int = Field(5, ge=0)
+    checkpoint_every: int = Field(50, ge=1)
+
+    @field_validator("n_epochs", "batch_size")
+    @classmethod
+    def _positive(cls, v):
+        if v != "auto" and v < 1:
+            raise ValueError("must be >= 1 or 'auto'")
+        return v
+
+
+class Method(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["lora", "switchlora"] = "lora"
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+
+
+class JobCreateRequest(_Request):
+    training_file: str
+    adapter_name: str
+    validation_file: str | None = None
+    model: str | None = None  # OpenAI requires it; here it may name the base model (or be left out)
+    method: Method = Field(default_factory=Method)
+    seed: int | None = None
+    max_seconds: float | None = Field(None, gt=0)  # extension: wall-clock budget (default: the server's limit)
+    overwrite: bool = False  # extension: replace an adapter of that name when the job succeeds

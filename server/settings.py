@@ -6,6 +6,7 @@ below `server/` reads the environment.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from pydantic import Field, model_validator
@@ -69,6 +70,18 @@ class Settings(BaseSettings):
     """Torch intra-op threads for the engine (default: torch's choice)."""
     drain_timeout: float = Field(30.0, ge=0)
     """Seconds SIGTERM waits for running requests before exiting."""
+    max_training_file_bytes: int = Field(64 * 2**20, ge=1024)
+    """Largest training or validation file upload."""
+    max_training_examples: int = Field(100_000, ge=1)
+    """Most examples in one training file."""
+    max_train_steps: int = Field(20_000, ge=1)
+    """Most optimizer steps one job may take."""
+    max_job_seconds: float = Field(6 * 3600, gt=0)
+    """Longest wall-clock time one job may train (a job may ask for less with max_seconds)."""
+    max_concurrent_jobs: int = Field(1, ge=1)
+    """Jobs training at the same time; more wait in the queue."""
+    training_threads: int = Field(max(1, (os.cpu_count() or 2) // 2), ge=1)
+    """Torch threads of each training worker process (serving keeps the rest)."""
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
