@@ -2,7 +2,7 @@
 
 Zhou, Wang & Xu, "SwitchLoRA: Switched Low-Rank Adaptation Can Learn Full-Rank Information", arXiv 2406.06564,
 following the authors' code (github.com/asfsdsf/SwitchLoRA: `switchlora/switch_lora.py`, `optimizer.py`,
-`lora_utils.py`); summary in /work/shared/notes/switchlora.md.
+`lora_utils.py`).
 
 Each target layer computes h = W·x + scaling·B·A·x and keeps two banks of C = min(in, out) candidate vectors, for
 A's rows and for B's columns. Every optimizer step a few rows of A, and as many columns of B, are replaced by the

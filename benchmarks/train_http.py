@@ -105,11 +105,7 @@ def train_job(c: httpx.Client, adapter: str, hyperparameters: dict, timeout: flo
     while (job := c.get(f"/v1/fine_tuning/jobs/{job_id}").json())["status"] in ("queued", "running"):
         if time.monotonic() > deadline:
             raise TimeoutError(f"job {job_id} not finished after {timeout:.0f} s")
-        step = job["metrics"].get("step")
-        print(f"\r  {job['status']} step {step}/{job['metrics'].get('total_steps')} "
-              f"loss {job['metrics'].get('train_loss', float('nan')):.4f}   ", end="", flush=True)
         time.sleep(2)
-    print()
     events = c.get(f"/v1/fine_tuning/jobs/{job_id}/events").json()["data"]
     return job, [e["data"] for e in events if e["data"] and "loss" in e["data"]]
 
@@ -161,6 +157,7 @@ def main() -> None:
     ap.add_argument("--train-threads", type=int, default=1, help="training worker threads in phase 2")
     ap.add_argument("--start-timeout", type=float, default=600)
     ap.add_argument("--job-timeout", type=float, default=3600)
+    ap.add_argument("--phase", choices=["quality", "serving", "both"], default="both")
     ap.add_argument("--quick", action="store_true", help="smoke check: 2 epochs, 8 requests")
     args = ap.parse_args()
     if args.quick:
@@ -171,61 +168,73 @@ def main() -> None:
                                                           "concurrency", "max_tokens", "train_threads", "backend")}}
     with tempfile.TemporaryDirectory(prefix="loraplex-train-http-") as tmp:
         root = Path(tmp)
-        print("phase 1: quality; starting the server...", flush=True)
-        proc, url = start(args, root, "quality", train_threads=2)
-        try:
-            base_id = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
-            base_em, base_answers = asyncio.run(exact_match(url, base_id))
-            t0 = time.perf_counter()
-            with httpx.Client(base_url=url, timeout=120) as c:
-                job, curve = train_job(c, "facts", hp, args.job_timeout)
-            train_s = time.perf_counter() - t0
-            if job["status"] != "succeeded":
-                raise RuntimeError(f"the job ended {job['status']}: {job['error']}")
-            tuned_em, tuned_answers = asyncio.run(exact_match(url, "facts"))
-        finally:
-            stop_server(proc)
-        out["quality"] = {"base_exact_match": base_em, "adapter_exact_match": tuned_em, "train_seconds": train_s,
-                          "trained_tokens": job["trained_tokens"], "loss_curve": [(d["step"], d["loss"]) for d in curve],
-                          "answers": {q: {"expected": a, "base": b, "adapter": t}
-                                      for (q, a), b, t in zip(FACTS, base_answers, tuned_answers)}}
-        print(f"\n30 invented facts, job: {len(curve)} steps, {train_s:.0f} s (rank {args.rank}, lr {args.lr}, "
-              f"{args.epochs} epochs, batch {args.batch_size})")
-        print_table(["model", "exact match"], [["base", f"{base_em:.0%}"], ["trained adapter", f"{tuned_em:.0%}"]])
-        print("loss curve:", " ".join(f"{s}:{loss:.3f}" for s, loss in curve[:: max(1, len(curve) // 12)]),
-              f"... {curve[-1][0]}:{curve[-1][1]:.3f}")
+        if args.phase != "serving":
+            quality(args, root, hp, out)
+        if args.phase != "quality":
+            serving(args, root, hp, out)
+    if not args.quick:
+        saved = RESULTS_DIR / "train_http.json"  # a single phase updates its part of the last results
+        previous = json.loads(saved.read_text()) if args.phase != "both" and saved.exists() else {}
+        write_json(RESULTS_DIR / "train_http.json", previous | out)
 
-        print("\nphase 2: serving while a job trains; starting the server...", flush=True)
-        proc, url = start(args, root, "serving", train_threads=args.train_threads)
-        try:
-            base_id = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
-            with httpx.Client(base_url=url, timeout=120) as c:
-                # an adapter to serve (and a long job afterwards)
-                job, _ = train_job(c, "served", hp | {"max_steps": 2, "n_epochs": 1}, args.job_timeout)
-                models = [base_id if i % 2 == 0 else "served" for i in range(args.requests)]
-                asyncio.run(stream_load(url, models[: args.concurrency], args.concurrency, 4))  # warm-up
-                idle_tokens, idle_s = asyncio.run(stream_load(url, models, args.concurrency, args.max_tokens))
-                lines = [json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
-                         for q, a in FACTS]
-                fid = c.post("/v1/files", files={"file": ("f.jsonl", "\n".join(lines).encode())},
-                             data={"purpose": "fine-tune"}).json()["id"]
-                long_job = c.post("/v1/fine_tuning/jobs", json={
-                    "training_file": fid, "adapter_name": "background",
-                    "method": {"type": "lora", "hyperparameters": hp | {"max_steps": 10000}}}).json()
-                while c.get(f"/v1/fine_tuning/jobs/{long_job['id']}").json()["metrics"].get("step", 0) < 1:
-                    time.sleep(1)  # the worker is past its start-up and training
-                busy_tokens, busy_s = asyncio.run(stream_load(url, models, args.concurrency, args.max_tokens))
-                step_during = c.get(f"/v1/fine_tuning/jobs/{long_job['id']}").json()["metrics"].get("step")
-                c.post(f"/v1/fine_tuning/jobs/{long_job['id']}/cancel")
-        finally:
-            stop_server(proc)
+
+def quality(args, root: Path, hp: dict, out: dict) -> None:
+    print("phase 1: quality; starting the server...", flush=True)
+    proc, url = start(args, root, "quality", train_threads=2)
+    try:
+        base_id = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
+        base_em, base_answers = asyncio.run(exact_match(url, base_id))
+        t0 = time.perf_counter()
+        with httpx.Client(base_url=url, timeout=120) as c:
+            job, curve = train_job(c, "facts", hp, args.job_timeout)
+        train_s = time.perf_counter() - t0
+        if job["status"] != "succeeded":
+            raise RuntimeError(f"the job ended {job['status']}: {job['error']}")
+        tuned_em, tuned_answers = asyncio.run(exact_match(url, "facts"))
+    finally:
+        stop_server(proc)
+    out["quality"] = {"base_exact_match": base_em, "adapter_exact_match": tuned_em, "train_seconds": train_s,
+                      "trained_tokens": job["trained_tokens"], "loss_curve": [(d["step"], d["loss"]) for d in curve],
+                      "answers": {q: {"expected": a, "base": b, "adapter": t}
+                                  for (q, a), b, t in zip(FACTS, base_answers, tuned_answers)}}
+    print(f"\n30 invented facts, job: {len(curve)} steps, {train_s:.0f} s (rank {args.rank}, lr {args.lr}, "
+          f"{args.epochs} epochs, batch {args.batch_size})")
+    print_table(["model", "exact match"], [["base", f"{base_em:.0%}"], ["trained adapter", f"{tuned_em:.0%}"]])
+    shown = curve[:: max(1, len(curve) // 12)]
+    print("loss curve (step:loss):", " ".join(f"{d['step']}:{d['loss']:.3f}" for d in shown),
+          f"... {curve[-1]['step']}:{curve[-1]['loss']:.3f}")
+
+
+def serving(args, root: Path, hp: dict, out: dict) -> None:
+    print("\nphase 2: serving while a job trains; starting the server...", flush=True)
+    proc, url = start(args, root, "serving", train_threads=args.train_threads)
+    try:
+        base_id = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
+        with httpx.Client(base_url=url, timeout=120) as c:
+            # an adapter to serve (and a long job afterwards)
+            job, _ = train_job(c, "served", hp | {"max_steps": 2, "n_epochs": 1}, args.job_timeout)
+            models = [base_id if i % 2 == 0 else "served" for i in range(args.requests)]
+            asyncio.run(stream_load(url, models[: args.concurrency], args.concurrency, 4))  # warm-up
+            idle_tokens, idle_s = asyncio.run(stream_load(url, models, args.concurrency, args.max_tokens))
+            lines = [json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
+                     for q, a in FACTS]
+            fid = c.post("/v1/files", files={"file": ("f.jsonl", "\n".join(lines).encode())},
+                         data={"purpose": "fine-tune"}).json()["id"]
+            long_job = c.post("/v1/fine_tuning/jobs", json={
+                "training_file": fid, "adapter_name": "background",
+                "method": {"type": "lora", "hyperparameters": hp | {"max_steps": 10000}}}).json()
+            while c.get(f"/v1/fine_tuning/jobs/{long_job['id']}").json()["metrics"].get("step", 0) < 1:
+                time.sleep(1)  # the worker is past its start-up and training
+            busy_tokens, busy_s = asyncio.run(stream_load(url, models, args.concurrency, args.max_tokens))
+            step_during = c.get(f"/v1/fine_tuning/jobs/{long_job['id']}").json()["metrics"].get("step")
+            c.post(f"/v1/fine_tuning/jobs/{long_job['id']}/cancel")
+    finally:
+        stop_server(proc)
     idle, busy = idle_tokens / idle_s, busy_tokens / busy_s
     out["serving"] = {"idle_tok_s": idle, "training_tok_s": busy, "ratio": busy / idle, "job_step_reached": step_during}
     print(f"\n{args.requests} chat requests, {args.concurrency} concurrent, {args.max_tokens} tokens, half base and half "
           f"adapter; training worker threads={args.train_threads}")
     print_table(["serving", "tok/s"], [["idle", idle], ["while a job trains", busy], ["ratio", busy / idle]])
-    if not args.quick:
-        write_json(RESULTS_DIR / "train_http.json", out)
 
 
 if __name__ == "__main__":

@@ -138,7 +138,7 @@ def create_app(settings: Settings) -> FastAPI:
         state.runner = JobRunner(
             state.jobs,
             RunnerConfig(settings.data_dir, settings.max_concurrent_jobs, settings.training_threads,
-                         stop_timeout=settings.drain_timeout),
+                         nice=settings.training_nice, stop_timeout=settings.drain_timeout),
             model_path=lambda: state.base.path if state.ready else None,
             register=lambda job, adapter_dir: register_trained(state, job, adapter_dir),
         )

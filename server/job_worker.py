@@ -23,6 +23,7 @@ CANCELLED, SHUTDOWN, TIME_LIMIT, ORPHANED = "cancelled", "shutdown", "time_limit
 def main(spec: dict[str, Any], queue, cancel, shutdown) -> None:
     """Run one job: `spec` holds TrainConfig's fields plus `threads`, `max_seconds` and `seconds_used`."""
     threads = spec.pop("threads")
+    os.nice(spec.pop("nice"))  # serving keeps priority over training on shared cores
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
     import torch
 

@@ -39,6 +39,8 @@ class RunnerConfig:
     """Jobs training at the same time; more wait in the queue."""
     threads: int = 1
     """Torch threads of each worker process."""
+    nice: int = 10
+    """Niceness added to each worker process, so the serving engine keeps priority on shared cores."""
     stop_timeout: float = 30.0
     """Seconds a worker gets to checkpoint and exit at shutdown before it is killed."""
 
@@ -153,6 +155,7 @@ class JobRunner:
             "method": job.method.get("type", "lora"),
             "seed": job.seed,
             "threads": self.config.threads,
+            "nice": self.config.nice,
             "max_seconds": job.max_seconds,
             "seconds_used": job.seconds_used,
         }

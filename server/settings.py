@@ -82,6 +82,8 @@ class Settings(BaseSettings):
     """Jobs training at the same time; more wait in the queue."""
     training_threads: int = Field(max(1, (os.cpu_count() or 2) // 2), ge=1)
     """Torch threads of each training worker process (serving keeps the rest)."""
+    training_nice: int = Field(10, ge=0, le=19)
+    """Niceness of training worker processes: serving keeps priority on shared cores."""
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
