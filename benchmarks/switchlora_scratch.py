@@ -254,7 +254,8 @@ def main() -> None:
     total_params = sum(p.numel() for p in build_model(vocab).parameters())
     print(f"\nLlama {MODEL['num_hidden_layers']} × {MODEL['hidden_size']} ({total_params / 1e6:.2f} M parameters, "
           f"vocabulary {vocab}), from scratch; rank {args.rank} (α = {LORA_ALPHA:g}) on {', '.join(TARGETS)}; "
-          f"{args.steps} steps × {args.batch_size} × {SEQ} tokens; embedding and norms at lr {args.embed_lr:g}")  # fmt: skip
+          f"{args.steps} steps × {args.batch_size} × {SEQ} tokens; embedding and norms at lr "
+          f"{args.embed_lr:g}")  # fmt: skip
     rows = []
     for r in results:
         mark = "**" if best[r["method"]] is r else ""

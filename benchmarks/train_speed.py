@@ -3,27 +3,31 @@
 Issue #4's targets: training tokens/s of `adapters.trainer.train` (method "lora") ≥ 1 × PEFT + HF `Trainer` on the
 same job, and peak RSS of LoRA training ≤ 0.5 × full fine-tuning. The job, the same in every run: the default model
 (SmolLM2-135M-Instruct, fp32), a rank-16 LoRA (α = 32) on q, k, v, o, gate, up and down, --examples synthetic
-prompt/completion pairs (seeded, 30–150 tokens each, written to a JSONL file), batch 8, --steps optimizer steps,
+prompt/completion pairs (seeded, 30–150 tokens each, written to a JSONL file), batch 8, --steps (10) optimizer steps,
 AdamW at 2e-4 with a cosine schedule and 3% warm-up, gradient clipping at 1.0, no evaluation, no checkpoints.
 
-Each run is its own subprocess (same thread count), so that its peak RSS (`ru_maxrss`, model load included) is its own:
+Each run is its own subprocess (same thread count), so that its peak RSS (`ru_maxrss`, model load included) is its
+own; (a)–(d) run --rounds (2) times, interleaved (a b c d a b c d), and their rows average the rounds' tok/s (this
+machine drifts by 10–15 % over minutes, which once turned (a)/(c) from 1.15 into 0.88 between two runs in a row):
 
     (a) ours: `adapters.trainer.train(TrainConfig(method="lora", ...))`
     (b) PEFT `get_peft_model` + HF `Trainer`: default random sampler, a collator that pads each batch to its longest
         row with labels from `adapters.data.tokenize` (prompt tokens masked exactly as ours), `remove_unused_columns=
         False`, `report_to=[]`, no logging, eval or saving; the Trainer's default optimizer (fused torch AdamW)
-    (c) the same with `train_sampling_strategy="group_by_length"` (our trainer groups rows by length too)
+    (c) the same on our trainer's very batches: the rows in the order of its first epoch (`adapters.batching.
+        plan_epoch`: shuffled, grouped by length) and `train_sampling_strategy="sequential"`; so (a) and (c) differ
+        only in the implementation (HF's own `group_by_length` sampler would put the longest batch first, untimed)
     (d) full fine-tuning: every parameter trainable, plain `torch.optim.AdamW`, our trainer's own batches and loss
         (`adapters.batching`: `read_rows`, `plan_epoch`, `collate`, `loss_sum`), so it differs from (a) only in what
         is trained
-    (e), (f) = (a), (d) with gradient checkpointing, for --memory-steps steps: activations no longer dominate memory
+    (e), (f) = (a), (d) with gradient checkpointing, once, for --memory-steps (8) steps: less activation memory
     (g) the floor: the model loaded and one no-grad forward pass (so that every weight page is resident)
 
 Tokens are counted from each run's own batches (the collate call of each step): "input" = non-pad tokens, "loss" =
 tokens that carry loss (completion tokens). Steps 1 and 2 (start-up, first allocations) are not timed: tok/s = the
-tokens of steps 3..N ÷ the wall time from the end of step 2 to the end of step N. (a), (d), (e) and (f) train on the
-very same batches. "other CPU" is the CPU time of every other process on the machine during the timed steps (from
-/proc/stat), in % of one core: above ~10 % the run was disturbed and its speed should not be trusted.
+tokens of steps 3..N ÷ the wall time from the end of step 2 to the end of step N. (a), (c), (d), (e) and (f) train on
+the very same batches. "other CPU" is the CPU time of every other process on the machine during the timed steps
+(from /proc/stat), in % of one core: above ~10 % the run was disturbed and its speed should not be trusted.
 
 Usage: `python benchmarks/train_speed.py [--quick] [--steps N] [--threads T] [--skip RUN ...]`. `--quick` trains a
 tiny random Llama (SmolLM2's tokenizer) for 4 steps to check that the script works; its numbers mean nothing.
@@ -64,13 +68,14 @@ DISTURBED_PCT = 10.0  # other processes' CPU during the timed steps, % of one co
 RUNS = {
     "ours": "(a) ours: adapters.trainer, LoRA",
     "peft": "(b) PEFT + HF Trainer, random sampler",
-    "peft_grouped": "(c) PEFT + HF Trainer, group_by_length",
+    "peft_same": "(c) PEFT + HF Trainer, our batches",
     "full": "(d) full fine-tuning, torch AdamW",
     "ours_gc": "(e) = (a) + gradient checkpointing",
     "full_gc": "(f) = (d) + gradient checkpointing",
     "floor": "(g) model loaded + one forward",
 }
-MEMORY_RUNS = ("ours_gc", "full_gc")  # run for --memory-steps
+SPEED_RUNS = ("ours", "peft", "peft_same", "full")  # run --rounds times, interleaved
+MEMORY_RUNS = ("ours_gc", "full_gc")  # run once, for --memory-steps
 
 WORDS = {
     "adj": "quiet bright heavy simple careful ancient modern small large rapid gentle curious formal noisy early "
@@ -181,7 +186,7 @@ def run_ours(args, counts: list, clock: Clock, checkpointing: bool) -> None:
         raise RuntimeError(f"loss tokens counted {sum(c[1] for c in counts)} != trainer's {result.trained_tokens}")
 
 
-def run_peft(args, counts: list, clock: Clock, grouped: bool) -> None:
+def run_peft(args, counts: list, clock: Clock, same_batches: bool) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
 
@@ -193,6 +198,11 @@ def run_peft(args, counts: list, clock: Clock, grouped: bool) -> None:
     for ex in read_jsonl(args.data):
         ids, labels = tokenize(tok, ex, MAX_LENGTH)
         features.append({"input_ids": ids, "labels": [IGNORE] + labels[1:]})  # as adapters.trainer.read_rows
+    if same_batches:  # our trainer's first epoch, in order: a sequential sampler then makes exactly its batches
+        from adapters.batching import plan_epoch
+
+        plan = plan_epoch([len(f["input_ids"]) for f in features], args.batch_size, SEED, 0, group=True)
+        features = [features[i] for step in plan for i in step]
 
     def collate(batch: list[dict]) -> dict[str, torch.Tensor]:
         counts.append(batch_counts([f["input_ids"] for f in batch], [f["labels"] for f in batch]))
@@ -222,7 +232,7 @@ def run_peft(args, counts: list, clock: Clock, grouped: bool) -> None:
             lr_scheduler_type="cosine", warmup_steps=math.ceil(WARMUP_RATIO * args.steps), weight_decay=0.0,
             max_grad_norm=1.0, logging_strategy="no", save_strategy="no", eval_strategy="no", report_to=[],
             remove_unused_columns=False, use_cpu=True, seed=SEED, disable_tqdm=True, dataloader_num_workers=0,
-            train_sampling_strategy="group_by_length" if grouped else "random",
+            train_sampling_strategy="sequential" if same_batches else "random",
         )  # fmt: skip
         Trainer(model=model, args=targs, train_dataset=features, data_collator=collate, callbacks=[Stamps()]).train()
     del counts[args.steps :]  # the dataloader fetches one batch ahead
@@ -275,8 +285,8 @@ def child(args) -> None:
     t0 = time.perf_counter()
     if args.child in ("ours", "ours_gc"):
         run_ours(args, counts, clock, checkpointing=args.child == "ours_gc")
-    elif args.child in ("peft", "peft_grouped"):
-        run_peft(args, counts, clock, grouped=args.child == "peft_grouped")
+    elif args.child in ("peft", "peft_same"):
+        run_peft(args, counts, clock, same_batches=args.child == "peft_same")
     elif args.child in ("full", "full_gc"):
         run_full(args, counts, clock, checkpointing=args.child == "full_gc")
     else:
@@ -314,7 +324,8 @@ def spawn(mode: str, args, model_path: str, data: Path) -> dict:
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     if "input_tok_per_s" in result:
         print(f"  {result['input_tok_per_s']:.1f} input tok/s, {result['s_per_step']:.2f} s/step, peak RSS "
-              f"{result['peak_rss_mib']:.0f} MiB, other processes' CPU {result['other_cpu_pct']:.0f} %", flush=True)  # fmt: skip
+              f"{result['peak_rss_mib']:.0f} MiB, other processes' CPU {result['other_cpu_pct']:.0f} %",
+              flush=True)  # fmt: skip
         if result["other_cpu_pct"] > DISTURBED_PCT:
             print(f"  WARNING: other processes used {result['other_cpu_pct']:.0f} % of a core during the timed steps")
     else:
@@ -322,17 +333,30 @@ def spawn(mode: str, args, model_path: str, data: Path) -> dict:
     return result
 
 
+def combine(runs: list[dict]) -> dict:
+    """One row from the rounds of a run: mean speed, highest peak RSS and other-CPU; every round kept in "rounds"."""
+    out = {k: v for k, v in runs[-1].items() if k not in ("step_ends", "batches")} | {"rounds": runs}
+    for key in ("input_tok_per_s", "loss_tok_per_s", "s_per_step"):
+        if key in out:
+            out[key] = sum(r[key] for r in runs) / len(runs)
+    for key in ("peak_rss_mib", "other_cpu_pct"):
+        if key in out:
+            out[key] = max(r[key] for r in runs)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="HF model dir (default: the embedded SmolLM2-135M-Instruct)")
     ap.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR, help="where the default model is converted")
-    ap.add_argument("--steps", type=int, default=16, help=f"optimizer steps per run ({UNTIMED_STEPS} untimed)")
+    ap.add_argument("--steps", type=int, default=10, help=f"optimizer steps per run ({UNTIMED_STEPS} untimed)")
+    ap.add_argument("--rounds", type=int, default=2, help="times (a)-(d) run, interleaved; their tok/s averaged")
     ap.add_argument("--memory-steps", type=int, default=8, help="steps of the gradient-checkpointing runs")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--examples", type=int, default=320, help="synthetic prompt/completion pairs")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads in every run")
     ap.add_argument("--skip", nargs="*", default=[], choices=list(RUNS), help="runs to leave out")
-    ap.add_argument("--quick", action="store_true", help="smoke check: a tiny model, 4 steps of 4, (a) (b) (d) (g)")
+    ap.add_argument("--quick", action="store_true", help="smoke check: a tiny model, 4 steps of 4, (a)-(d) and (g)")
     ap.add_argument("--out", type=Path, default=None, help="JSON (default: benchmarks/results/train_speed.json)")
     ap.add_argument("--child", choices=list(RUNS), help=argparse.SUPPRESS)
     ap.add_argument("--model-path", help=argparse.SUPPRESS)
@@ -346,18 +370,21 @@ def main() -> None:
     out_path = args.out or (None if args.quick else RESULTS_DIR / "train_speed.json")
     print(f"load average before: {os.getloadavg()[0]:.2f}", flush=True)
 
-    results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="loraplex-train-speed-") as tmp:
         model_path = resolve_model_path(args.model, args.cache_dir)
         if args.quick:
-            args.steps, args.memory_steps, args.examples, args.batch_size = 4, 4, 32, 4
-            args.skip = [*args.skip, "peft_grouped", *MEMORY_RUNS]
+            args.steps, args.memory_steps, args.examples, args.batch_size, args.rounds = 4, 4, 32, 4, 1
+            args.skip = [*args.skip, *MEMORY_RUNS]
             model_path = make_tiny_model(Path(tmp) / "tiny", model_path)
         data = Path(tmp) / "train.jsonl"
         data.write_text("".join(json.dumps(ex) + "\n" for ex in synthetic_examples(args.examples)))
-        for mode in RUNS:
+        runs: dict[str, list[dict]] = {}
+        # the speed runs interleaved (a b c d a b c d ...), so that the machine's drift falls on all of them alike
+        order = [m for _ in range(args.rounds) for m in SPEED_RUNS] + [m for m in RUNS if m not in SPEED_RUNS]
+        for mode in order:
             if mode not in args.skip:
-                results[mode] = spawn(mode, args, model_path, data)
+                runs.setdefault(mode, []).append(spawn(mode, args, model_path, data))
+        results = {mode: combine(runs[mode]) for mode in RUNS if mode in runs}
 
     def ratio(a: str, b: str, key: str) -> float | None:
         return results[a][key] / results[b][key] if a in results and b in results else None
@@ -370,7 +397,7 @@ def main() -> None:
 
     ratios = {
         "tok/s (a)/(b) ours / PEFT+Trainer": ratio("ours", "peft", "input_tok_per_s"),
-        "tok/s (a)/(c) ours / PEFT+Trainer, group_by_length": ratio("ours", "peft_grouped", "input_tok_per_s"),
+        "tok/s (a)/(c) ours / PEFT+Trainer, same batches": ratio("ours", "peft_same", "input_tok_per_s"),
         "tok/s (a)/(d) ours LoRA / full fine-tuning": ratio("ours", "full", "input_tok_per_s"),
         "peak RSS (a)/(d) LoRA / full": ratio("ours", "full", "peak_rss_mib"),
         "peak RSS (e)/(f) LoRA / full, gradient checkpointing": ratio("ours_gc", "full_gc", "peak_rss_mib"),
@@ -378,7 +405,8 @@ def main() -> None:
         "peak RSS above the floor (e)/(f)": above_floor("ours_gc", "full_gc"),
     }
 
-    print(f"\n{args.steps} steps ({args.memory_steps} for (e), (f)) × batch {args.batch_size}, {UNTIMED_STEPS} untimed; "
+    print(f"\n{args.steps} steps ({args.memory_steps} for (e), (f)) × batch {args.batch_size}, {UNTIMED_STEPS} "
+          f"untimed; (a)-(d): mean of {args.rounds} interleaved rounds; "
           f"{args.examples} synthetic examples; rank-{RANK} LoRA (α = {ALPHA:g}) on {', '.join(TARGETS)}; fp32; "
           f"{args.threads} threads")  # fmt: skip
     rows = []
@@ -403,6 +431,7 @@ def main() -> None:
 
     if out_path:
         setup = dict(model=args.model or "SmolLM2-135M-Instruct", steps=args.steps, memory_steps=args.memory_steps,
+                     rounds=args.rounds,
                      untimed_steps=UNTIMED_STEPS, batch_size=args.batch_size, examples=args.examples, rank=RANK,
                      alpha=ALPHA, target_modules=list(TARGETS), learning_rate=LR, threads=args.threads,
                      torch=torch.__version__, machine=platform.processor() or platform.machine())  # fmt: skip
