@@ -6,7 +6,8 @@ windows of shuffled rows sorted by length) so that little compute goes to paddin
 concatenates examples into rows of up to max_length tokens with positions restarting at each
 example, the format transformers' masks read as separate sequences (`find_packed_sequence_indices`:
 no attention across examples). The loss is the summed next-token cross-entropy over label tokens;
-the trainer divides it by the label-token count of a whole optimizer step.
+the trainer divides it by the label-token count of a whole optimizer step. Only label tokens meet the
+vocabulary, chunk by chunk (as Liger-Kernel's fused linear cross-entropy, with torch's checkpointing).
 """
 
 from __future__ import annotations
@@ -16,10 +17,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import PreTrainedTokenizerBase
+from torch.utils.checkpoint import checkpoint
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from adapters.data import IGNORE, DataError, read_jsonl, tokenize
 
+LOSS_CHUNK_ELEMENTS = 1 << 23  # logits per chunk of the loss (32 MiB in fp32; 170 tokens of a 49k vocabulary)
+# config attributes of transformers models whose logits are not the head's plain output
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 GROUP_STEPS = 8  # steps' worth of shuffled rows sorted by length together (more: less padding, less randomness)
 
 
@@ -115,15 +120,47 @@ def collate(rows: list[Row], pad_id: int, device: torch.device) -> tuple[dict[st
 def loss_sum(model: torch.nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
     """Summed next-token cross-entropy over the label tokens (labels[:, t] is predicted at t - 1).
 
-    Logits are computed only where some row predicts a label token (transformers'
-    `logits_to_keep`), so prompts cost no projection onto the vocabulary.
+    Only label tokens are projected onto the vocabulary, in chunks of LOSS_CHUNK_ELEMENTS logits, each
+    checkpointed (its logits recomputed in the backward pass): a batch's (tokens × vocabulary) logits,
+    their log-softmax and gradients (~1 GiB at batch 8 × 150 tokens × 49k words in fp32) never exist at
+    once. Models whose head is more than a plain projection (a logit scale or soft-capping) take the
+    plain path: transformers' logits at the predicting positions (`logits_to_keep`).
     """
     targets = labels[:, 1:]
-    keep = (targets != IGNORE).any(0).nonzero().squeeze(1)  # (K,) positions whose next token is learned
-    logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits  # (B, K, vocab)
-    return F.cross_entropy(
-        logits.flatten(0, 1).float(), targets[:, keep].flatten(), ignore_index=IGNORE, reduction="sum"
-    )
+    head = model.get_output_embeddings()
+    if not plain_head(model, head):
+        keep = (targets != IGNORE).any(0).nonzero().squeeze(1)  # (K,) positions whose next token is learned
+        logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits  # (B, K, vocab)
+        return F.cross_entropy(
+            logits.flatten(0, 1).float(), targets[:, keep].flatten(), ignore_index=IGNORE, reduction="sum"
+        )
+    where = targets != IGNORE
+    hidden = model.base_model(**inputs, use_cache=False).last_hidden_state[:, :-1][where]  # (N, hidden)
+    targets = targets[where]
+    chunk = max(1, LOSS_CHUNK_ELEMENTS // head.out_features)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for s in range(0, len(targets), chunk):
+        args = (hidden[s : s + chunk], head.weight, head.bias, targets[s : s + chunk])
+        if torch.is_grad_enabled():
+            total = total + checkpoint(_chunk_loss, *args, use_reentrant=False, preserve_rng_state=False)
+        else:
+            total = total + _chunk_loss(*args)
+    return total
+
+
+def plain_head(model: torch.nn.Module, head: torch.nn.Module | None) -> bool:
+    """Whether the model's logits are exactly `head(base_model(...).last_hidden_state)`."""
+    scaled = any(getattr(model.config, a, None) not in (None, 1, 1.0) for a in LOGIT_TRANSFORMS)
+    return (
+        isinstance(model, PreTrainedModel) and model.base_model is not model  # not e.g. a PeftModel wrapping one
+        and isinstance(head, torch.nn.Linear) and not scaled
+    )  # fmt: skip
+
+
+def _chunk_loss(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor
+) -> torch.Tensor:
+    return F.cross_entropy(F.linear(hidden, weight, bias).float(), targets, reduction="sum")
 
 
 @torch.no_grad()

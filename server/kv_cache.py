@@ -52,7 +52,7 @@ class SlotKVCache:
         self.positions, self.kv_len = positions, kv_len
         self.rows = torch.arange(positions.shape[0], device=positions.device)
 
-    def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
+    def update(self, key_states, value_states, *args, **kwargs):
         return key_states, value_states  # slot_attention writes them into the module's buffers
 
     def move_row(self, src: int, dst: int, length: int) -> None:

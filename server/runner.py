@@ -10,6 +10,8 @@ the logits of each sequence's last token. It knows nothing of requests or sampli
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from adapters.layers import LoraBatch, inject_multi_lora, layer_shape
@@ -36,6 +38,8 @@ class ModelRunner:
         model = base.model
         model.config._attn_implementation = ATTN_IMPLEMENTATION
         self.backbone = model.base_model
+        # transformers renamed `past_key_values` to `cache` (5.2x; the old name is deprecated until 5.40)
+        self._cache_kw = "cache" if "cache" in inspect.signature(self.backbone.forward).parameters else "past_key_values"
         self.lm_head = model.get_output_embeddings()
         if config.lora_backend not in ("compiled", "eager"):
             raise ValueError(f"lora_backend must be 'compiled' or 'eager', not {config.lora_backend!r}")
@@ -142,6 +146,6 @@ class ModelRunner:
 
     def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         out = self.backbone(
-            input_ids=input_ids, attention_mask=mask, position_ids=position_ids, past_key_values=self.cache, use_cache=True
+            input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=True, **{self._cache_kw: self.cache}
         )
         return out.last_hidden_state

@@ -11,6 +11,7 @@ import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
+from tiny import make_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from adapters.batching import collate, loss_sum, pack_rows, read_rows, validation_loss
@@ -140,6 +141,49 @@ def test_only_completion_tokens_carry_loss(llama_dir, files):
         if t >= len(tok(FACTS[i][0])["input_ids"])
     )  # fmt: skip
     torch.testing.assert_close(total, by_hand, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
+@pytest.mark.parametrize("what", ["lora", "full"])
+def test_chunked_loss_equals_the_loss_on_all_logits(tiny_models, files, arch, what, monkeypatch):
+    """The chunked, checkpointed loss: same value and same gradients (LoRA's, or every weight's with the
+    tied or untied head) as cross-entropy over the model's own full logits."""
+    import adapters.batching as batching
+
+    tok = AutoTokenizer.from_pretrained(tiny_models[arch])
+    inputs, labels = collate(read_rows(files / "train.jsonl", tok, 64), tok.pad_token_id, CPU)
+    model = AutoModelForCausalLM.from_pretrained(tiny_models[arch])
+    if what == "lora":
+        layers = inject_lora(model, None, 4, 8.0, 0.0, seed=0)
+        for layer in layers.values():
+            torch.nn.init.normal_(layer.lora_B, std=0.1, generator=torch.Generator().manual_seed(1))
+    params = [p for p in model.parameters() if p.requires_grad]
+    chunk_tokens = 5  # several chunks, the last one short
+    monkeypatch.setattr(batching, "LOSS_CHUNK_ELEMENTS", chunk_tokens * model.config.vocab_size)
+    assert (labels[:, 1:] != IGNORE).sum() > 2 * chunk_tokens
+    chunked = loss_sum(model, inputs, labels)
+    got = torch.autograd.grad(chunked, params)
+    logits = model(**inputs).logits[:, :-1]
+    plain = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), reduction="sum")
+    want = torch.autograd.grad(plain, params)
+    torch.testing.assert_close(chunked, plain, rtol=1e-5, atol=1e-4)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
+def test_a_model_that_scales_its_logits_keeps_its_own_loss(files):
+    """Cohere multiplies its logits by `logit_scale`: the loss must be the one of its own logits."""
+    from transformers import CohereConfig, CohereForCausalLM
+
+    tok = make_tokenizer()
+    inputs, labels = collate(read_rows(files / "train.jsonl", tok, 64), tok.pad_token_id, CPU)
+    config = CohereConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, logit_scale=0.25, eos_token_id=None)  # fmt: skip
+    model = CohereForCausalLM(config).eval()
+    with torch.no_grad():
+        logits = model(**inputs).logits[:, :-1]
+        want = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), reduction="sum")
+        torch.testing.assert_close(loss_sum(model, inputs, labels), want)
 
 
 def test_grad_accumulation_equals_a_bigger_batch(llama_dir, files):
