@@ -52,9 +52,10 @@ from benchmarks.common import (  # noqa: E402
     write_json,
     write_peft_adapters,
 )
-from benchmarks.throughput import measure, run_engine  # noqa: E402
+from benchmarks.throughput import measure, run_engine, warmed_engine  # noqa: E402
 from server.engine import AdapterUse, Engine, EngineConfig, GenerationRequest  # noqa: E402
 from server.model import load_base_model  # noqa: E402
+from server.threads import run_in_thread  # noqa: E402
 
 BATCH = 16  # concurrent requests per round, and the smaller rotation
 RANK, ALPHA, TARGETS = 8, 16, ("q_proj", "v_proj")
@@ -70,7 +71,9 @@ class ServerSide:
 
     def submit(self, req: GenerationRequest) -> None:
         t0 = time.perf_counter()
-        req.adapters = [AdapterUse(u.adapter, 1.0, self.registry.weights_of(u.adapter)) for u in req.adapters]
+        # as the server does (server.serving: a thread of its own for a host-tier miss)
+        req.adapters = [AdapterUse(u.adapter, 1.0, run_in_thread(self.registry.weights_of, u.adapter))
+                        for u in req.adapters]
         self.resolve_s += time.perf_counter() - t0
         self.engine.submit(req)
 
@@ -140,20 +143,20 @@ def main() -> None:
     out_path = args.out or (None if args.quick else RESULTS_DIR / "rotation.json")
     rounds = max(1, args.requests // BATCH)
 
-    base = load_base_model(args.model, cache_dir=args.cache_dir)
+    base = run_in_thread(load_base_model, args.model, cache_dir=args.cache_dir)  # see server/threads.py
     model_path = resolve_model_path(args.model, args.cache_dir)
     shapes = target_shapes(base.model, TARGETS)
     prompts = chat_prompt_ids(base.tokenizer, BATCH)
     max_len = max(map(len, prompts)) + new_tokens + 16
-    engine = Engine(base, EngineConfig(max_num_seqs=BATCH, max_model_len=max_len, lora_pages=64, lora_page_size=16,
-                                       auto_merge=False, lora_backend=args.backend))  # fmt: skip
-    engine.warmup()
+    config = EngineConfig(max_num_seqs=BATCH, max_model_len=max_len, lora_pages=64, lora_page_size=16,
+                          auto_merge=False, lora_backend=args.backend)  # fmt: skip
+    engine = run_in_thread(warmed_engine, base, config)
     registry = AdapterRegistry(host_bytes=int(args.host_mib * 2**20))
 
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="loraplex-rotation-") as tmp:
         print(f"writing {args.adapters} rank-{RANK} adapters to {tmp}...", flush=True)
-        adapters = register_adapters(shapes, args.adapters, Path(tmp), registry, model_path)
+        adapters = run_in_thread(register_adapters, shapes, args.adapters, Path(tmp), registry, model_path)
         disk_mb = sum(a.size_bytes for a in adapters) / 1e6
         print(f"  {disk_mb:.0f} MB on disk ({disk_mb / len(adapters):.2f} MB each)", flush=True)
         for n in (BATCH, args.adapters):

@@ -10,7 +10,9 @@ ignored, on the default model (SmolLM2-135M-Instruct, fp32):
     (d) transformers `model.generate`, base (left padding, batch 16, min = max new tokens)
     (e) PEFT's mixed-adapter batch: the same 16 adapters, `generate(..., adapter_names=[...])`
 
-and the ratios (c)/(a) (the cost of 16 different adapters in one batch), (b)/(a), (c)/(e) (our
+plus (b+m) and (c+m), (b) and (c) with automatic merging on, measured in steady state: the warm-up run
+merges (if one adapter dominates), the measured runs find the engine merged; the merge's own time is
+printed apart. And the ratios (c)/(a) (the cost of 16 different adapters in one batch), (b)/(a), (c)/(e) (our
 multi-LoRA against PEFT's) and (a)/(d) (our engine against `generate`). The engine runs in
 process, no HTTP (see http_load.py for the server). (d) and (e) use a second, un-injected copy
 of the model, since the engine wraps its model's linears in place.
@@ -52,6 +54,7 @@ from benchmarks.common import (  # noqa: E402
 from server.engine import AdapterUse, Engine, EngineConfig, GenerationRequest, RequestOutput  # noqa: E402
 from server.model import BaseModel, load_base_model  # noqa: E402
 from server.sampling import SamplingParams  # noqa: E402
+from server.threads import run_in_thread  # noqa: E402
 
 RUN_TIMEOUT = 900.0  # seconds one batch may take before the benchmark gives up
 
@@ -138,6 +141,12 @@ def measure(label: str, fn: Callable[[], float], repeats: int) -> dict:
     return result
 
 
+def warmed_engine(base: BaseModel, config: EngineConfig) -> Engine:
+    engine = Engine(base, config)
+    engine.warmup()
+    return engine
+
+
 def run_ours(base: BaseModel, backend: str, prompts, new_tokens: int, adapters, repeats: int) -> dict[str, dict]:
     """(a) base, (b) one adapter for every row, (c) one distinct adapter per row, on our engine in process."""
     n = len(prompts)
@@ -150,27 +159,38 @@ def run_ours(base: BaseModel, backend: str, prompts, new_tokens: int, adapters, 
         lora_page_size=16,
         lora_backend=backend,
     )
-    engine = Engine(base, config)
-    engine.warmup()
+    engine = run_in_thread(warmed_engine, base, config)
     per_row = [registered[i % len(registered)] for i in range(n)]
     merger = engine.merger
 
+    merge_s: list[float] = []
+    timed_merge = merger.merge
+
+    def merge_and_time(*args):
+        t0 = time.perf_counter()
+        timed_merge(*args)
+        merge_s.append(time.perf_counter() - t0)
+
+    merger.merge = merge_and_time
+
     def run(adapters_of_rows, merge: bool):
-        def once():
-            if merger.merged is not None:  # every measured run starts unmerged (the engine is idle here)
-                merger.unmerge()
-            engine.merger = merger if merge else None
-            return run_engine(engine, prompts, new_tokens, adapters_of_rows)
+        # each measurement starts unmerged; with auto-merge its warm-up run merges (when one adapter dominates) and
+        # its measured runs find the engine as steady traffic leaves it: merged, the merge itself timed apart
+        if merger.merged is not None:
+            run_in_thread(merger.unmerge)
+        engine.merger = merger if merge else None
+        return lambda: run_engine(engine, prompts, new_tokens, adapters_of_rows)
 
-        return once
-
-    return {
+    results = {
         "a": measure("(a) engine, base", run([None] * n, False), repeats),
         "b": measure("(b) engine, 1 adapter", run(registered[:1] * n, False), repeats),
         "bm": measure("(b+m) engine, 1 adapter, auto-merge", run(registered[:1] * n, True), repeats),
         "c": measure(f"(c) engine, {n} adapters", run(per_row, False), repeats),
         "cm": measure(f"(c+m) engine, {n} adapters, auto-merge on", run(per_row, True), repeats),
     }
+    results["bm"]["merge_s"] = merge_s
+    print(f"auto-merge: {len(merge_s)} merge(s), {', '.join(f'{1000 * t:.0f} ms' for t in merge_s)} each", flush=True)
+    return results
 
 
 def run_peers(args, model_path: str, prompts, new_tokens: int, adapters, repeats: int) -> dict[str, dict]:
@@ -216,12 +236,14 @@ def main() -> None:
     out_path = args.out or (None if args.quick else RESULTS_DIR / "throughput.json")
     n, new_tokens = args.prompts, args.new_tokens
 
-    gflops = matmul_gflops()
+    # torch work runs in threads that end with it, as in the server (see server/threads.py), so that the engine
+    # thread's OpenMP team is the only one alive while it runs; the peers run in one thread of their own
+    gflops = run_in_thread(matmul_gflops)
     print(f"fp32 matmul 2048³: {gflops:.1f} GFLOP/s ({torch.get_num_threads()} threads)", flush=True)
 
-    base = load_base_model(args.model, cache_dir=args.cache_dir, dtype=args.dtype)
+    base = run_in_thread(load_base_model, args.model, cache_dir=args.cache_dir, dtype=args.dtype)
     params = sum(p.numel() for p in base.model.parameters())
-    adapters = make_random_adapters(target_shapes(base.model), n)
+    adapters = run_in_thread(make_random_adapters, target_shapes(base.model), n)
     adapter_params = sum(m.lora_a.numel() + m.lora_b.numel() for m in adapters[0].modules.values())
     prompts = chat_prompt_ids(base.tokenizer, n)
     model_path = resolve_model_path(args.model, args.cache_dir)
@@ -229,7 +251,7 @@ def main() -> None:
     results = run_ours(base, args.backend, prompts, new_tokens, adapters, args.repeats)
     del base  # the peers get the memory to themselves
     if not args.skip_peer:
-        results |= run_peers(args, model_path, prompts, new_tokens, adapters, args.repeats)
+        results |= run_in_thread(run_peers, args, model_path, prompts, new_tokens, adapters, args.repeats)
 
     def ratio(x: str, y: str) -> float | None:
         return results[x]["median"] / results[y]["median"] if x in results and y in results else None

@@ -128,7 +128,7 @@ async def stream_load(url: str, models: list[str], concurrency: int, max_tokens:
         return sum(tokens), time.perf_counter() - t0
 
 
-def start(args, root: Path, name: str, train_threads: int) -> tuple:
+def start(args, root: Path, name: str, train_threads: int, train_nice: int = 10) -> tuple:
     port = free_port()
     url, log_path = f"http://127.0.0.1:{port}", root / f"{name}.log"
     proc = launch_server(port, log_path, args.model, {
@@ -138,6 +138,7 @@ def start(args, root: Path, name: str, train_threads: int) -> tuple:
         "LORAPLEX_MAX_NUM_SEQS": str(max(args.concurrency, len(FACTS))),
         "LORAPLEX_LORA_BACKEND": args.backend,
         "LORAPLEX_TRAINING_THREADS": str(train_threads),
+        "LORAPLEX_TRAINING_NICE": str(train_nice),
         "LORAPLEX_DRAIN_TIMEOUT": "5",
     })
     wait_ready(proc, url, args.start_timeout, log_path)
@@ -155,6 +156,7 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--train-threads", type=int, default=1, help="training worker threads in phase 2")
+    ap.add_argument("--train-nice", type=int, default=10, help="training worker niceness in phase 2 (0: a fair share)")
     ap.add_argument("--start-timeout", type=float, default=600)
     ap.add_argument("--job-timeout", type=float, default=3600)
     ap.add_argument("--phase", choices=["quality", "serving", "both"], default="both")
@@ -165,7 +167,7 @@ def main() -> None:
     hp = {"rank": args.rank, "alpha": 2 * args.rank, "n_epochs": args.epochs, "learning_rate": args.lr,
           "batch_size": args.batch_size, "warmup_ratio": 0.05}
     out: dict = {"config": {k: getattr(args, k) for k in ("epochs", "lr", "rank", "batch_size", "requests",
-                                                          "concurrency", "max_tokens", "train_threads", "backend")}}
+                                                          "concurrency", "max_tokens", "train_threads", "train_nice", "backend")}}
     with tempfile.TemporaryDirectory(prefix="loraplex-train-http-") as tmp:
         root = Path(tmp)
         if args.phase != "serving":
@@ -207,7 +209,7 @@ def quality(args, root: Path, hp: dict, out: dict) -> None:
 
 def serving(args, root: Path, hp: dict, out: dict) -> None:
     print("\nphase 2: serving while a job trains; starting the server...", flush=True)
-    proc, url = start(args, root, "serving", train_threads=args.train_threads)
+    proc, url = start(args, root, "serving", train_threads=args.train_threads, train_nice=args.train_nice)
     try:
         base_id = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
         with httpx.Client(base_url=url, timeout=120) as c:
@@ -223,18 +225,27 @@ def serving(args, root: Path, hp: dict, out: dict) -> None:
             long_job = c.post("/v1/fine_tuning/jobs", json={
                 "training_file": fid, "adapter_name": "background",
                 "method": {"type": "lora", "hyperparameters": hp | {"max_steps": 10000}}}).json()
-            while c.get(f"/v1/fine_tuning/jobs/{long_job['id']}").json()["metrics"].get("step", 0) < 1:
+            def step() -> int:
+                return c.get(f"/v1/fine_tuning/jobs/{long_job['id']}").json()["metrics"].get("step", 0)
+
+            while step() < 1:
                 time.sleep(1)  # the worker is past its start-up and training
+            step0 = step()
             busy_tokens, busy_s = asyncio.run(stream_load(url, models, args.concurrency, args.max_tokens))
-            step_during = c.get(f"/v1/fine_tuning/jobs/{long_job['id']}").json()["metrics"].get("step")
+            step1 = step()
+            time.sleep(busy_s)  # the job alone for as long as the load took: its speed without serving
+            step2 = step()
             c.post(f"/v1/fine_tuning/jobs/{long_job['id']}/cancel")
     finally:
         stop_server(proc)
     idle, busy = idle_tokens / idle_s, busy_tokens / busy_s
-    out["serving"] = {"idle_tok_s": idle, "training_tok_s": busy, "ratio": busy / idle, "job_step_reached": step_during}
+    out[f"serving_nice{args.train_nice}"] = {"idle_tok_s": idle, "training_tok_s": busy, "ratio": busy / idle, "window_s": busy_s,
+                      "job_steps_while_serving": step1 - step0, "job_steps_alone": step2 - step1}
     print(f"\n{args.requests} chat requests, {args.concurrency} concurrent, {args.max_tokens} tokens, half base and half "
           f"adapter; training worker threads={args.train_threads}")
     print_table(["serving", "tok/s"], [["idle", idle], ["while a job trains", busy], ["ratio", busy / idle]])
+    print(f"the job's optimizer steps in {busy_s:.0f} s: {step1 - step0} while serving, {step2 - step1} alone "
+          f"(worker niceness {args.train_nice})")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from adapters.peft_io import CONFIG_NAME, WEIGHTS_NAME, AdapterError, load_peft_
 from adapters.registry import Adapter, AdapterNotFound
 from server.api import require, serving_of, state_of
 from server.errors import APIError
+from server.threads import in_thread
 
 router = APIRouter()
 _ARCHIVE_SUFFIXES = (".zip", ".tar.gz", ".tgz")
@@ -125,7 +126,7 @@ async def register_adapter_dir(st, name: str, adapter_dir: Path, overwrite: bool
     """
     serving = st.serving
     try:
-        weights = await asyncio.to_thread(load_peft_adapter, adapter_dir, serving.layer_shapes, st.settings.max_lora_rank)
+        weights = await in_thread(load_peft_adapter, adapter_dir, serving.layer_shapes, st.settings.max_lora_rank)
     except AdapterError as e:
         raise AdapterError(list(problems) + e.problems) from None
     if problems:

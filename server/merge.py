@@ -57,9 +57,12 @@ class AutoMerger:
             a = layer.lora_a[pages].flatten(0, 1)  # (K·G, in)
             bt = layer.lora_bt[pages].flatten(0, 1)  # (K·G, out), scaling folded in
             w = layer.base_layer.weight
-            delta = bt.T @ a  # (out, in)
             self._originals[module] = w.data
-            w.data = w.data + (delta.T if isinstance(layer.base_layer, Conv1D) else delta).to(w.dtype)
+            # one new tensor W + Bᵀᵀ·A (out, in), or its transpose for Conv1D's (in, out) weight
+            if isinstance(layer.base_layer, Conv1D):
+                w.data = torch.addmm(w.data, a.T.to(w.dtype), bt.to(w.dtype))
+            else:
+                w.data = torch.addmm(w.data, bt.T.to(w.dtype), a.to(w.dtype))
         self.merged, self.merged_pages = adapter, pages
         self._history.clear()
         self.merges += 1

@@ -20,6 +20,7 @@ from server.errors import APIError
 from server.model import BaseModel
 from server.protocol import ChatCompletionRequest, CompletionRequest
 from server.sampling import SamplingParams, TokenLogprob
+from server.threads import in_thread
 
 
 @dataclass
@@ -74,7 +75,7 @@ class Serving:
                 what = "model" if param == "model" else "adapter"
                 raise APIError(404, f"The {what} '{name}' does not exist.", "invalid_request_error", param, "model_not_found") from None
             # resident: a dictionary touch that keeps the host tier's LRU order; evicted: a disk read
-            lora = self.registry.weights_of(adapter) if adapter.weights is not None else await asyncio.to_thread(
+            lora = self.registry.weights_of(adapter) if adapter.weights is not None else await in_thread(
                 self.registry.weights_of, adapter)
             uses.append(AdapterUse(adapter, weight, lora))
         return uses
