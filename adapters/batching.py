@@ -7,7 +7,7 @@ concatenates examples into rows of up to max_length tokens with positions restar
 example, the format transformers' masks read as separate sequences (`find_packed_sequence_indices`:
 no attention across examples). The loss is the summed next-token cross-entropy over label tokens;
 the trainer divides it by the label-token count of a whole optimizer step. Only label tokens meet the
-vocabulary, chunk by chunk (as Liger-Kernel's fused linear cross-entropy, with torch's checkpointing).
+vocabulary, chunk by chunk (as Liger-Kernel's fused linear cross-entropy).
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from adapters.data import IGNORE, DataError, read_jsonl, tokenize
@@ -120,11 +119,11 @@ def collate(rows: list[Row], pad_id: int, device: torch.device) -> tuple[dict[st
 def loss_sum(model: torch.nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
     """Summed next-token cross-entropy over the label tokens (labels[:, t] is predicted at t - 1).
 
-    Only label tokens are projected onto the vocabulary, in chunks of LOSS_CHUNK_ELEMENTS logits, each
-    checkpointed (its logits recomputed in the backward pass): a batch's (tokens × vocabulary) logits,
-    their log-softmax and gradients (~1 GiB at batch 8 × 150 tokens × 49k words in fp32) never exist at
-    once. Models whose head is more than a plain projection (a logit scale or soft-capping) take the
-    plain path: transformers' logits at the predicting positions (`logits_to_keep`).
+    Only label tokens are projected onto the vocabulary, in chunks of LOSS_CHUNK_ELEMENTS logits whose
+    gradients are taken at once (`ChunkedLinearCrossEntropy`): a batch's (tokens × vocabulary) logits, their
+    log-softmax and gradients (~1 GiB at batch 8 × 150 tokens × 49k words in fp32) never exist at once.
+    Models whose head is more than a plain projection (a logit scale or soft-capping) take the plain
+    path: transformers' logits at the predicting positions (`logits_to_keep`).
     """
     targets = labels[:, 1:]
     head = model.get_output_embeddings()
@@ -136,16 +135,44 @@ def loss_sum(model: torch.nn.Module, inputs: dict[str, torch.Tensor], labels: to
         )
     where = targets != IGNORE
     hidden = model.base_model(**inputs, use_cache=False).last_hidden_state[:, :-1][where]  # (N, hidden)
-    targets = targets[where]
     chunk = max(1, LOSS_CHUNK_ELEMENTS // head.out_features)
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for s in range(0, len(targets), chunk):
-        args = (hidden[s : s + chunk], head.weight, head.bias, targets[s : s + chunk])
-        if torch.is_grad_enabled():
-            total = total + checkpoint(_chunk_loss, *args, use_reentrant=False, preserve_rng_state=False)
-        else:
-            total = total + _chunk_loss(*args)
-    return total
+    return ChunkedLinearCrossEntropy.apply(hidden, head.weight, head.bias, targets[where], chunk)
+
+
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Σ cross-entropy(hidden @ weightᵀ + bias, targets), `chunk` rows at a time (Liger-Kernel's fused linear
+    cross-entropy, in plain torch): the forward pass also computes the gradients of hidden, weight and bias,
+    so no chunk's logits are kept or recomputed; backward only scales them by the incoming gradient."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk: int):
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros_like(weight) if need_w else None
+        grad_b = torch.zeros_like(bias) if need_b else None
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for s in range(0, len(targets), chunk):
+            h, t = hidden[s : s + chunk], targets[s : s + chunk]
+            logits = F.linear(h, weight, bias).float()  # (C, vocab)
+            lse = logits.logsumexp(-1)
+            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            if need_h or need_w or need_b:
+                g = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                g[torch.arange(len(t), device=g.device), t] -= 1.0  # d loss / d logits
+                g = g.to(hidden.dtype)
+                if need_h:
+                    torch.mm(g, weight, out=grad_h[s : s + chunk])
+                if need_w:
+                    grad_w.addmm_(g.T, h)
+                if need_b:
+                    grad_b += g.sum(0)
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grads = tuple(None if g is None else g * grad_total for g in ctx.saved_tensors)
+        return (*grads, None, None)
 
 
 def plain_head(model: torch.nn.Module, head: torch.nn.Module | None) -> bool:
@@ -155,12 +182,6 @@ def plain_head(model: torch.nn.Module, head: torch.nn.Module | None) -> bool:
         isinstance(model, PreTrainedModel) and model.base_model is not model  # not e.g. a PeftModel wrapping one
         and isinstance(head, torch.nn.Linear) and not scaled
     )  # fmt: skip
-
-
-def _chunk_loss(
-    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor
-) -> torch.Tensor:
-    return F.cross_entropy(F.linear(hidden, weight, bias).float(), targets, reduction="sum")
 
 
 @torch.no_grad()

@@ -34,6 +34,7 @@ from adapters.lora_train import (
     read_base_weights,
     select_targets,
 )
+from adapters.memory import return_freed_memory, trim_freed_memory
 from adapters.peft_io import LoraModule, LoraWeights, save_peft_adapter
 from adapters.switchlora import (
     StepAdamW,
@@ -98,6 +99,8 @@ class Trainer:
         self.total_steps = count_steps(cfg, len(self.rows))
         self.signature = run_signature(cfg, len(self.rows))
 
+        if cfg.gradient_checkpointing:  # speed for memory, also in the allocator (process-wide; adapters.memory)
+            return_freed_memory()
         self.model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=DTYPES[cfg.dtype]).to(self.device)
         self.model.config.use_cache = False
         targets = select_targets(self.model, cfg.target_modules)
@@ -205,6 +208,7 @@ class Trainer:
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        trim_freed_memory()  # this step's freed activations leave the resident set (adapters.memory)
 
         p.step, p.epoch_step, p.trained_tokens = p.step + 1, p.epoch_step + 1, p.trained_tokens + n_loss
         if p.epoch_step == self.steps_per_epoch:

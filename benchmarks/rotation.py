@@ -17,7 +17,7 @@ chat prompts, 32 new tokens, greedy, EOS ignored), each round one batch of
 server does before submitting, resolves its weights with `registry.weights_of` (the disk read)
 and pins them in `AdapterUse(adapter, 1.0, lora)`; that read is inside the measured wall time.
 tok/s = generated tokens ÷ wall time of all rounds; one warm-up pass, then one measured pass
-(`throughput.measure`), the rotation going on across them (with N = 1,000 the measured pass uses
+(`throughput.measure_interleaved`), the rotation going on across them (with N = 1,000 the measured pass uses
 adapters the warm-up did not). The same workload runs with the first 16 adapters only, then with
 N. Counters are those of the measured pass; peak RSS (ru_maxrss) is process-wide, so far.
 
@@ -52,7 +52,7 @@ from benchmarks.common import (  # noqa: E402
     write_json,
     write_peft_adapters,
 )
-from benchmarks.throughput import measure, run_engine, warmed_engine  # noqa: E402
+from benchmarks.throughput import Case, measure_interleaved, run_engine, warmed_engine  # noqa: E402
 from server.engine import AdapterUse, Engine, EngineConfig, GenerationRequest  # noqa: E402
 from server.model import load_base_model  # noqa: E402
 from server.threads import run_in_thread  # noqa: E402
@@ -162,7 +162,7 @@ def main() -> None:
         for n in (BATCH, args.adapters):
             stats: dict = {}
             run = workload(engine, registry, adapters[:n], prompts, new_tokens, rounds, stats)
-            tps = measure(f"{n} adapters in rotation", run, repeats=1)
+            tps = measure_interleaved({"run": Case(f"{n} adapters in rotation", run)}, repeats=1)["run"]
             rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
             results[str(n)] = dict(tok_per_s=tps["median"], runs=tps["runs"], **stats, peak_rss_mib=rss,
                                    host_resident_mib=registry.resident_bytes / 2**20)  # fmt: skip

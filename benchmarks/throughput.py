@@ -18,19 +18,21 @@ process, no HTTP (see http_load.py for the server). (d) and (e) use a second, un
 of the model, since the engine wraps its model's linears in place.
 
 MFU = tok/s × 2·params FLOPs per token ÷ this process's fp32 matmul FLOP/s at 2048³ (adapter
-parameters counted for the rows that use them). Each number: one warm-up run, then the median
-of --repeats runs. Usage: `python benchmarks/throughput.py [--quick] [--backend eager] [--skip-peer]`.
+parameters counted for the rows that use them). Each number: the median of --repeats runs, the
+cases interleaved round by round, each timed run right after an untimed one of the same case. Usage: `python benchmarks/throughput.py [--quick] [--backend eager] [--skip-peer]`.
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
+import statistics
 import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -133,12 +135,27 @@ def run_generate(model, batch: dict[str, torch.Tensor], new_tokens: int, pad_id:
     return generated / dt
 
 
-def measure(label: str, fn: Callable[[], float], repeats: int) -> dict:
-    print(f"measuring {label}: 1 warm-up + {repeats} runs...", flush=True)
-    fn()
-    result = summarize([fn() for _ in range(repeats)])
-    print(f"  {result['median']:.1f} tok/s (runs: {', '.join(f'{v:.1f}' for v in result['runs'])})", flush=True)
-    return result
+@dataclass
+class Case:
+    """One measured configuration: `run` times one batch (tok/s); `prepare` sets the engine up first, untimed."""
+
+    label: str
+    run: Callable[[], float]
+    prepare: Callable[[], None] = lambda: None
+
+
+def measure_interleaved(cases: dict[str, Case], repeats: int) -> dict[str, dict]:
+    """`repeats` rounds of every case in turn (a b c ... a b c ...), so that this machine's drift (±15 % over
+    minutes) falls on all of them alike; each timed run follows an untimed run of the same case (a run right
+    after another case's was seen 10-30 % slower); each case's median is its number."""
+    runs: dict[str, list[float]] = {k: [] for k in cases}
+    for r in range(repeats):
+        for k, case in cases.items():
+            case.prepare()
+            case.run()
+            runs[k].append(case.run())
+            print(f"round {r + 1}/{repeats}: {case.label}: {runs[k][-1]:.1f} tok/s", flush=True)
+    return {k: summarize(v) for k, v in runs.items()}
 
 
 def warmed_engine(base: BaseModel, config: EngineConfig) -> Engine:
@@ -147,8 +164,9 @@ def warmed_engine(base: BaseModel, config: EngineConfig) -> Engine:
     return engine
 
 
-def run_ours(base: BaseModel, backend: str, prompts, new_tokens: int, adapters, repeats: int) -> dict[str, dict]:
-    """(a) base, (b) one adapter for every row, (c) one distinct adapter per row, on our engine in process."""
+def our_cases(base: BaseModel, backend: str, prompts, new_tokens: int, adapters) -> tuple[dict[str, Case], list]:
+    """(a) base, (b) one adapter for every row, (c) one distinct adapter per row, on our engine in process; (b+m),
+    (c+m) with auto-merge. Also returns the list the merges' durations go to."""
     n = len(prompts)
     registry = AdapterRegistry()
     registered = [registry.add(adapter_name(i), w) for i, w in enumerate(adapters)]
@@ -162,7 +180,6 @@ def run_ours(base: BaseModel, backend: str, prompts, new_tokens: int, adapters, 
     engine = run_in_thread(warmed_engine, base, config)
     per_row = [registered[i % len(registered)] for i in range(n)]
     merger = engine.merger
-
     merge_s: list[float] = []
     timed_merge = merger.merge
 
@@ -173,51 +190,52 @@ def run_ours(base: BaseModel, backend: str, prompts, new_tokens: int, adapters, 
 
     merger.merge = merge_and_time
 
-    def run(adapters_of_rows, merge: bool):
-        # each measurement starts unmerged; with auto-merge its warm-up run merges (when one adapter dominates) and
-        # its measured runs find the engine as steady traffic leaves it: merged, the merge itself timed apart
-        if merger.merged is not None:
-            run_in_thread(merger.unmerge)
-        engine.merger = merger if merge else None
-        return lambda: run_engine(engine, prompts, new_tokens, adapters_of_rows)
+    def case(label: str, rows: list, merge: bool) -> Case:
+        def prepare() -> None:
+            # every case starts unmerged; with auto-merge an untimed batch first leaves the engine as steady traffic
+            # does (merged, when one adapter dominates), so the timed batch measures the merged state
+            if merger.merged is not None:
+                run_in_thread(merger.unmerge)
+            engine.merger = merger if merge else None
+            if merge:
+                run_engine(engine, prompts, new_tokens, rows)
 
-    results = {
-        "a": measure("(a) engine, base", run([None] * n, False), repeats),
-        "b": measure("(b) engine, 1 adapter", run(registered[:1] * n, False), repeats),
-        "bm": measure("(b+m) engine, 1 adapter, auto-merge", run(registered[:1] * n, True), repeats),
-        "c": measure(f"(c) engine, {n} adapters", run(per_row, False), repeats),
-        "cm": measure(f"(c+m) engine, {n} adapters, auto-merge on", run(per_row, True), repeats),
-    }
-    results["bm"]["merge_s"] = merge_s
-    print(f"auto-merge: {len(merge_s)} merge(s), {', '.join(f'{1000 * t:.0f} ms' for t in merge_s)} each", flush=True)
-    return results
+        return Case(label, lambda: run_engine(engine, prompts, new_tokens, rows), prepare)
+
+    return {
+        "a": case("(a) engine, base", [None] * n, False),
+        "b": case("(b) engine, 1 adapter", registered[:1] * n, False),
+        "bm": case("(b+m) engine, 1 adapter, auto-merge", registered[:1] * n, True),
+        "c": case(f"(c) engine, {n} adapters", per_row, False),
+        "cm": case(f"(c+m) engine, {n} adapters, auto-merge on", per_row, True),
+    }, merge_s
 
 
-def run_peers(args, model_path: str, prompts, new_tokens: int, adapters, repeats: int) -> dict[str, dict]:
-    """(d) transformers `generate` and (e) PEFT's mixed batch, on a fresh, un-injected model copy."""
+def peer_cases(args, model_path: str, prompts, new_tokens: int, adapters, tmp: Path) -> dict[str, Case]:
+    """(d) transformers `generate` and (e) PEFT's mixed batch, each on an un-injected model copy of its own."""
     from peft import PeftModel
 
-    peer: BaseModel = load_base_model(args.model, cache_dir=args.cache_dir, dtype=args.dtype)
-    model, tok = peer.model, peer.tokenizer
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    batch = left_padded(prompts, pad_id)
-    results = {
-        "d": measure("(d) transformers generate, base", lambda: run_generate(model, batch, new_tokens, pad_id), repeats)
-    }
-    with tempfile.TemporaryDirectory(prefix="loraplex-bench-") as tmp:
-        paths = write_peft_adapters(adapters, Path(tmp), base_model=model_path)
+    def load():
+        plain = load_base_model(args.model, cache_dir=args.cache_dir, dtype=args.dtype)
+        model = load_base_model(args.model, cache_dir=args.cache_dir, dtype=args.dtype).model
+        paths = write_peft_adapters(adapters, tmp, base_model=model_path)
         names = [adapter_name(i) for i in range(len(paths))]
         peft_model = PeftModel.from_pretrained(model, paths[0], adapter_name=names[0])
         for name, path in zip(names[1:], paths[1:], strict=True):
             peft_model.load_adapter(path, adapter_name=name)
-        peft_model.eval()
-        row_names = [names[i % len(names)] for i in range(len(prompts))]
-        results["e"] = measure(
-            "(e) PEFT mixed batch",
-            lambda: run_generate(peft_model, batch, new_tokens, pad_id, adapter_names=row_names),
-            repeats,
-        )
-    return results
+        return plain, peft_model.eval(), names
+
+    plain, peft_model, names = run_in_thread(load)
+    tok = plain.tokenizer
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    batch = left_padded(prompts, pad_id)
+    row_names = [names[i % len(names)] for i in range(len(prompts))]
+    return {
+        "d": Case("(d) transformers generate, base",
+                  lambda: run_in_thread(run_generate, plain.model, batch, new_tokens, pad_id)),
+        "e": Case("(e) PEFT mixed batch", lambda: run_in_thread(
+            run_generate, peft_model, batch, new_tokens, pad_id, adapter_names=row_names)),
+    }  # fmt: skip
 
 
 def main() -> None:
@@ -248,10 +266,13 @@ def main() -> None:
     prompts = chat_prompt_ids(base.tokenizer, n)
     model_path = resolve_model_path(args.model, args.cache_dir)
 
-    results = run_ours(base, args.backend, prompts, new_tokens, adapters, args.repeats)
-    del base  # the peers get the memory to themselves
-    if not args.skip_peer:
-        results |= run_in_thread(run_peers, args, model_path, prompts, new_tokens, adapters, args.repeats)
+    cases, merge_s = our_cases(base, args.backend, prompts, new_tokens, adapters)
+    with tempfile.TemporaryDirectory(prefix="loraplex-bench-") as tmp:
+        if not args.skip_peer:
+            cases |= peer_cases(args, model_path, prompts, new_tokens, adapters, Path(tmp))
+        results = measure_interleaved(cases, args.repeats)
+    print(f"auto-merge: {len(merge_s)} merges, median {1000 * statistics.median(merge_s):.0f} ms" if merge_s else
+          "auto-merge: no merge", flush=True)  # fmt: skip
 
     def ratio(x: str, y: str) -> float | None:
         return results[x]["median"] / results[y]["median"] if x in results and y in results else None
@@ -307,6 +328,7 @@ def main() -> None:
                 "tok_per_s": results,
                 "ratios": ratios,
                 "mfu": mfu,
+                "merge_s": merge_s,
             },
         )
 

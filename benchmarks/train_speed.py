@@ -18,8 +18,8 @@ machine drifts by 10–15 % over minutes, which once turned (a)/(c) from 1.15 in
         plan_epoch`: shuffled, grouped by length) and `train_sampling_strategy="sequential"`; so (a) and (c) differ
         only in the implementation (HF's own `group_by_length` sampler would put the longest batch first, untimed)
     (d) full fine-tuning: every parameter trainable, plain `torch.optim.AdamW`, our trainer's own batches and loss
-        (`adapters.batching`: `read_rows`, `plan_epoch`, `collate`, `loss_sum`), so it differs from (a) only in what
-        is trained
+        (`adapters.batching`: `read_rows`, `plan_epoch`, `collate`, `loss_sum`) and allocator setting (`adapters.memory`), so it differs
+        from (a) only in what is trained
     (e), (f) = (a), (d) with gradient checkpointing, once, for --memory-steps (8) steps: less activation memory
     (g) the floor: the model loaded and one no-grad forward pass (so that every weight page is resident)
 
@@ -242,7 +242,10 @@ def run_full(args, counts: list, clock: Clock, checkpointing: bool) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from adapters.batching import collate, loss_sum, plan_epoch, read_rows
+    from adapters.memory import return_freed_memory, trim_freed_memory
 
+    if checkpointing:  # the allocator policies of adapters.trainer, for the same memory behaviour
+        return_freed_memory()
     tok = AutoTokenizer.from_pretrained(args.model_path)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     rows = read_rows(args.data, tok, MAX_LENGTH)
@@ -266,6 +269,7 @@ def run_full(args, counts: list, clock: Clock, checkpointing: bool) -> None:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        trim_freed_memory()
         clock.stamp()
 
 

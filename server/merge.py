@@ -58,7 +58,7 @@ class AutoMerger:
             bt = layer.lora_bt[pages].flatten(0, 1)  # (K·G, out), scaling folded in
             w = layer.base_layer.weight
             self._originals[module] = w.data
-            # one new tensor W + Bᵀᵀ·A (out, in), or its transpose for Conv1D's (in, out) weight
+            # one new tensor W + B·A (out, in) with B = btᵀ (scaling folded in); Conv1D stores (in, out)
             if isinstance(layer.base_layer, Conv1D):
                 w.data = torch.addmm(w.data, a.T.to(w.dtype), bt.to(w.dtype))
             else:

@@ -1,0 +1,47 @@
+"""Training memory: give freed activations back to the operating system.
+
+glibc serves an allocation of at least M_MMAP_THRESHOLD bytes with its own mmap, returned to the
+OS when freed, and anything smaller from its heap. The threshold starts at 128 KiB but is dynamic:
+each time an mmapped block is freed it rises to that block's size (up to 32 MiB), so after the first
+training step nearly every activation comes from the heap, whose freed pages stay resident and
+fragment as the next step's tensors differ in size. Measured on the default model (LoRA, gradient
+checkpointing, batch 8 × 155 tokens): peak RSS 3,130 MiB with the dynamic threshold, 1,150 MiB with
+it fixed at 128 KiB (mallopt, the same as MALLOC_MMAP_THRESHOLD_=131072), but every step ~60 % slower:
+each activation is a fresh mapping whose pages fault in. So there are two policies:
+  - `return_freed_memory()`, the fixed threshold: the least memory, for runs that trade speed for it
+    (the trainer applies it with gradient checkpointing);
+  - `trim_freed_memory()`, `malloc_trim(0)` between optimizer steps: the heap's free pages go back to
+    the OS once a step (2,361 MiB above, at the dynamic threshold's speed); the trainer's default.
+The server calls neither: its decode steps allocate many mid-sized temporaries.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import sys
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+MMAP_THRESHOLD = 128 * 1024  # glibc's initial value, kept
+
+
+def _glibc():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+def return_freed_memory() -> bool:
+    """Fix glibc's mmap threshold for this process; False where that is not glibc (then nothing changes)."""
+    libc = _glibc()
+    return bool(libc and libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+
+
+def trim_freed_memory() -> bool:
+    """Give the heap's free pages back to the OS now; False where that is not glibc or nothing was freed."""
+    libc = _glibc()
+    return bool(libc and libc.malloc_trim(0))
