@@ -10,7 +10,9 @@ back from the job's events.
 Phase 2, serving while training (target ≥ 0.5): a second server (training worker bounded to
 `--train-threads`) serves a fixed streaming load — `--requests` chat requests, `--concurrency`
 at a time, 32 tokens, greedy, half base and half for the trained adapter — once idle and once
-while a long job trains; the ratio of generated tok/s is reported.
+while a long job trains (worker at niceness `--train-nice`, default 10 as the server's default); the
+ratio of generated tok/s is reported, with the job's optimizer steps during the load and during as
+long a time right after it, alone.
 
 Usage: `python benchmarks/train_http.py [--quick]`. Each phase starts its own `python -m server`.
 """
