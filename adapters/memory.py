@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import sys
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 MMAP_THRESHOLD = 128 * 1024  # glibc's initial value, kept
 
 
+@functools.cache  # looked up once: the trainer trims after every step
 def _glibc():
     if not sys.platform.startswith("linux"):
         return None

@@ -10,9 +10,9 @@ ignored, on the default model (SmolLM2-135M-Instruct, fp32):
     (d) transformers `model.generate`, base (left padding, batch 16, min = max new tokens)
     (e) PEFT's mixed-adapter batch: the same 16 adapters, `generate(..., adapter_names=[...])`
 
-plus (b+m) and (c+m), (b) and (c) with automatic merging on, measured in steady state: the warm-up run
-merges (if one adapter dominates), the measured runs find the engine merged; the merge's own time is
-printed apart. And the ratios (c)/(a) (the cost of 16 different adapters in one batch), (b)/(a), (c)/(e) (our
+plus (b+m) and (c+m), (b) and (c) with automatic merging on, measured in steady state: before each timed
+run an untimed one merges (if one adapter dominates), so the timed run finds the engine merged; the
+merge's own time is printed apart. And the ratios (c)/(a) (the cost of 16 different adapters in one batch), (b)/(a), (c)/(e) (our
 multi-LoRA against PEFT's) and (a)/(d) (our engine against `generate`). The engine runs in
 process, no HTTP (see http_load.py for the server). (d) and (e) use a second, un-injected copy
 of the model, since the engine wraps its model's linears in place.
@@ -255,7 +255,7 @@ def main() -> None:
     n, new_tokens = args.prompts, args.new_tokens
 
     # torch work runs in threads that end with it, as in the server (see server/threads.py), so that the engine
-    # thread's OpenMP team is the only one alive while it runs; the peers run in one thread of their own
+    # thread's OpenMP team is the only one alive while it runs; each peer run is in a thread of its own too
     gflops = run_in_thread(matmul_gflops)
     print(f"fp32 matmul 2048³: {gflops:.1f} GFLOP/s ({torch.get_num_threads()} threads)", flush=True)
 

@@ -59,10 +59,8 @@ class AutoMerger:
             w = layer.base_layer.weight
             self._originals[module] = w.data
             # one new tensor W + B·A (out, in) with B = btᵀ (scaling folded in); Conv1D stores (in, out)
-            if isinstance(layer.base_layer, Conv1D):
-                w.data = torch.addmm(w.data, a.T.to(w.dtype), bt.to(w.dtype))
-            else:
-                w.data = torch.addmm(w.data, bt.T.to(w.dtype), a.to(w.dtype))
+            lhs, rhs = (a.T, bt) if isinstance(layer.base_layer, Conv1D) else (bt.T, a)
+            w.data = torch.addmm(w.data, lhs.to(w.dtype), rhs.to(w.dtype))
         self.merged, self.merged_pages = adapter, pages
         self._history.clear()
         self.merges += 1

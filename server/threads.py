@@ -38,28 +38,6 @@ def run_in_thread(fn: Callable[..., T], *args: Any, name: str = "loraplex-torch"
 
 
 async def in_thread(fn: Callable[..., T], *args: Any, name: str = "loraplex-torch", **kwargs: Any) -> T:
-    """`asyncio.to_thread`, but in a new thread that ends with the call (see the module docstring)."""
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[T] = loop.create_future()
-
-    def settle(result: Any, error: BaseException | None) -> None:
-        if future.cancelled():
-            return
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(result)
-
-    def target() -> None:
-        result, error = None, None
-        try:
-            result = fn(*args, **kwargs)
-        except BaseException as e:  # handed to the awaiting coroutine
-            error = e
-        try:
-            loop.call_soon_threadsafe(settle, result, error)
-        except RuntimeError:  # the event loop is closed: nobody is waiting any more
-            pass
-
-    threading.Thread(target=target, name=name, daemon=True).start()
-    return await future
+    """`asyncio.to_thread`, but fn runs in a new thread that ends with the call (see the module docstring);
+    the pooled thread only waits for it, touching no torch."""
+    return await asyncio.to_thread(run_in_thread, fn, *args, name=name, **kwargs)

@@ -15,8 +15,7 @@ REPO = Path(__file__).resolve().parents[2]
 # printed in MiB.
 PROGRAM = """
 import sys, torch
-from adapters.memory import return_freed_memory
-from adapters.memory import trim_freed_memory
+from adapters.memory import return_freed_memory, trim_freed_memory
 if sys.argv[1] == "fixed":
     assert return_freed_memory()
 def rss():

@@ -146,7 +146,7 @@ def test_only_completion_tokens_carry_loss(llama_dir, files):
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
 @pytest.mark.parametrize("what", ["lora", "full"])
 def test_chunked_loss_equals_the_loss_on_all_logits(tiny_models, files, arch, what, monkeypatch):
-    """The chunked, checkpointed loss: same value and same gradients (LoRA's, or every weight's with the
+    """The chunked loss (gradients taken chunk by chunk in the forward pass): same value and same gradients (LoRA's, or every weight's with the
     tied or untied head) as cross-entropy over the model's own full logits."""
     import adapters.batching as batching
 
