@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from adapters.dense import frozen_linear, uses_onednn
 from adapters.ops import lora_batched, lora_gathered
 
 
@@ -62,9 +63,11 @@ class MultiLoraLinear(nn.Module):
         self.register_buffer("lora_bt", torch.zeros(*shape, self.out_features, dtype=w.dtype, device=w.device))
         # adapter keys with rows in this layer: a batch naming none of them skips the LoRA term
         self.adapters: set[int] = set()
+        # fp32 nn.Linear on the CPU: oneDNN's kernels rather than MKL's (adapters.dense); Conv1D keeps its addmm
+        self.onednn = isinstance(base_layer, nn.Linear) and uses_onednn(w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_layer(x)
+        y = frozen_linear(x, self.base_layer, self.onednn)
         b = self.batch
         if b.idx is None or (b.check_targets and self.adapters.isdisjoint(b.adapters)):
             return y

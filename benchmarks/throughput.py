@@ -17,7 +17,7 @@ multi-LoRA against PEFT's) and (a)/(d) (our engine against `generate`). The engi
 process, no HTTP (see http_load.py for the server). (d) and (e) use a second, un-injected copy
 of the model, since the engine wraps its model's linears in place.
 
-MFU = tok/s × 2·params FLOPs per token ÷ this process's fp32 matmul FLOP/s at 2048³ (adapter
+MFU = tok/s × 2·params FLOPs per token ÷ this process's best fp32 matmul FLOP/s at 2048³ (MKL or oneDNN) (adapter
 parameters counted for the rows that use them). Each number: the median of --repeats runs, the
 cases interleaved round by round, each timed run right after an untimed one of the same case. Usage: `python benchmarks/throughput.py [--quick] [--backend eager] [--skip-peer]`.
 """
@@ -39,6 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/throughput.py` from anywhere
 
+from adapters.dense import onednn_linear  # noqa: E402
 from adapters.registry import Adapter, AdapterRegistry  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     RESULTS_DIR,
@@ -61,16 +62,22 @@ from server.threads import run_in_thread  # noqa: E402
 RUN_TIMEOUT = 900.0  # seconds one batch may take before the benchmark gives up
 
 
-def matmul_gflops(n: int = 2048, reps: int = 5) -> float:
-    """Best fp32 GFLOP/s of an n×n×n matmul in this process: the machine's ceiling for MFU."""
+def matmul_gflops(n: int = 2048, reps: int = 5) -> dict[str, float]:
+    """Best fp32 GFLOP/s of an n×n×n matmul in this process, through MKL (PyTorch's `@`) and through oneDNN
+    (the kernels the engine uses, adapters.dense): the larger is this machine's ceiling for MFU."""
     a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e9
+    bt = b.T.contiguous()
+    kernels = {"mkl": lambda: a @ b, "onednn": lambda: onednn_linear(a, bt, None)}
+    rates = {}
+    for name, f in kernels.items():
+        f()
+        best = float("inf")
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            f()
+            best = min(best, time.perf_counter() - t0)
+        rates[name] = 2 * n**3 / best / 1e9
+    return rates
 
 
 def run_engine(engine: Engine, prompts: list[list[int]], new_tokens: int, adapters: list[Adapter | None]) -> float:
@@ -256,8 +263,10 @@ def main() -> None:
 
     # torch work runs in threads that end with it, as in the server (see server/threads.py), so that the engine
     # thread's OpenMP team is the only one alive while it runs; each peer run is in a thread of its own too
-    gflops = run_in_thread(matmul_gflops)
-    print(f"fp32 matmul 2048³: {gflops:.1f} GFLOP/s ({torch.get_num_threads()} threads)", flush=True)
+    rates = run_in_thread(matmul_gflops)
+    gflops = max(rates.values())
+    matmul_line = f"fp32 matmul 2048³: MKL {rates['mkl']:.1f}, oneDNN {rates['onednn']:.1f} GFLOP/s ({torch.get_num_threads()} threads)"
+    print(matmul_line, flush=True)
 
     base = run_in_thread(load_base_model, args.model, cache_dir=args.cache_dir, dtype=args.dtype)
     params = sum(p.numel() for p in base.model.parameters())
@@ -301,9 +310,7 @@ def main() -> None:
             value = ratios.get(r)
             rows.append([what, results[k]["median"], f"{mfu[k]:.1%}", r, "—" if value is None else value])
     print_table(["what", "tok/s", "MFU", "ratio", "value"], rows)
-    print(
-        f"fp32 matmul 2048³: {gflops:.1f} GFLOP/s; {params / 1e6:.1f} M params, {adapter_params / 1e6:.2f} M per adapter"
-    )
+    print(f"{matmul_line}; {params / 1e6:.1f} M params, {adapter_params / 1e6:.2f} M per adapter")
 
     if out_path:
         write_json(
@@ -322,7 +329,7 @@ def main() -> None:
                     "threads": torch.get_num_threads(),
                     "machine": platform.processor() or platform.machine(),
                 },
-                "matmul_gflops": gflops,
+                "matmul_gflops": rates,
                 "params": params,
                 "adapter_params": adapter_params,
                 "tok_per_s": results,

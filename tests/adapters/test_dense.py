@@ -1,0 +1,48 @@
+"""The frozen base's oneDNN linear against F.linear, eager and inside a compiled graph."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from adapters.dense import frozen_linear, onednn_linear, uses_onednn
+
+
+@pytest.mark.parametrize("shape", [(7, 64), (3, 1, 64), (2, 5, 64)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_onednn_linear_is_f_linear(shape, bias):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=g)
+    w = torch.randn(96, 64, generator=g)
+    b = torch.randn(96, generator=g) if bias else None
+    torch.testing.assert_close(onednn_linear(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_graph_takes_the_weight_as_an_input():
+    """One compiled function serves layers of different weights (as the engine's decoder layer does)."""
+
+    def block(x, w1, w2):
+        return onednn_linear(torch.relu(onednn_linear(x, w1, None)), w2, None)
+
+    compiled = torch.compile(block, dynamic=None)
+    g = torch.Generator().manual_seed(1)
+    for rows in (3, 5, 16):
+        x = torch.randn(rows, 1, 32, generator=g)
+        w1, w2 = torch.randn(48, 32, generator=g), torch.randn(32, 48, generator=g)
+        want = F.linear(torch.relu(F.linear(x, w1)), w2)
+        torch.testing.assert_close(compiled(x, w1, w2), want, rtol=1e-5, atol=1e-4)
+
+
+def test_used_for_fp32_cpu_weights_only():
+    assert uses_onednn(torch.zeros(4, 4)) == torch.backends.mkldnn.is_available()
+    assert not uses_onednn(torch.zeros(4, 4, dtype=torch.bfloat16))  # PyTorch sends these to oneDNN already
+    assert not uses_onednn(torch.zeros(4, 4, device="meta"))
+
+
+def test_frozen_linear_either_way():
+    layer = torch.nn.Linear(16, 8)
+    x = torch.randn(2, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(frozen_linear(x, layer, onednn=True), layer(x), rtol=1e-5, atol=1e-5)
+        assert torch.equal(frozen_linear(x, layer, onednn=False), layer(x))
