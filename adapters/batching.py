@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from adapters.data import IGNORE, DataError, read_jsonl, tokenize
+from adapters.dense import linear_for
 
 LOSS_CHUNK_ELEMENTS = 1 << 23  # logits per chunk of the loss (32 MiB in fp32; 170 tokens of a 49k vocabulary)
 # config attributes of transformers models whose logits are not the head's plain output
@@ -151,9 +152,10 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_w = torch.zeros_like(weight) if need_w else None
         grad_b = torch.zeros_like(bias) if need_b else None
         total = hidden.new_zeros((), dtype=torch.float32)
+        linear = linear_for(weight)  # oneDNN on the CPU in fp32 (adapters.dense)
         for s in range(0, len(targets), chunk):
             h, t = hidden[s : s + chunk], targets[s : s + chunk]
-            logits = F.linear(h, weight, bias).float()  # (C, vocab)
+            logits = linear(h, weight, bias).float()  # (C, vocab)
             lse = logits.logsumexp(-1)
             total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
             if need_h or need_w or need_b:
@@ -161,7 +163,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
                 g[torch.arange(len(t), device=g.device), t] -= 1.0  # d loss / d logits
                 g = g.to(hidden.dtype)
                 if need_h:
-                    torch.mm(g, weight, out=grad_h[s : s + chunk])
+                    grad_h[s : s + chunk] = linear(g, weight.t(), None)  # g @ weight
                 if need_w:
                     grad_w.addmm_(g.T, h)
                 if need_b:

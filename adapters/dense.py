@@ -7,10 +7,17 @@ reach 270-420 and 490 on the same weights. PyTorch already uses oneDNN for bf16 
 inductor uses it (`mkldnn._linear_pointwise`) for frozen graphs. Its lowering wants the weight to
 be a graph constant, which the engine's one compiled decoder layer, reused with every layer's
 weights as inputs, cannot give it. So `onednn_linear` is a custom op: compiled graphs call it as an
-opaque kernel, with the weight as an ordinary input. Same values as `F.linear` to fp32 rounding;
-forward only (the frozen base in inference).
+opaque kernel, with the weight as an ordinary input. Same values as `F.linear` to fp32 rounding,
+with gradients (the trainer's frozen base and its vocabulary projection use it too; oneDNN takes a
+transposed view of a weight at full speed, so backward needs no copies).
 
-Which layers use it is decided once, when the engine wraps them (`uses_onednn`).
+Which layers use it is decided once, when the engine or the trainer wraps them (`uses_onednn`).
+
+The engine's frozen weights go one step further: `pack_weight` reorders each once into oneDNN's
+blocked layout (what inductor's freezing does for a constant weight), and `packed_linear` runs on
+that. A decode step streams every weight from memory; measured here over 30 layers' worth at 16
+rows: MKL 48-60 ms, oneDNN on the plain weights 32 ms, on packed weights 22-26 ms. The packed copy
+costs the weights' size again in memory, and must be made anew when a weight changes (a merge).
 """
 
 from __future__ import annotations
@@ -28,6 +35,45 @@ def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 @onednn_linear.register_fake
 def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+@torch.library.custom_op("loraplex::packed_linear", mutates_args=())
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`F.linear(x, weight, bias)` with `packed = pack_weight(weight)`; inference only."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+@packed_linear.register_fake
+def _(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], packed.shape[0])
+
+
+def pack_weight(weight: torch.Tensor, rows: int = 16) -> torch.Tensor:
+    """`weight` (out, in) reordered for oneDNN (an opaque mkldnn tensor of the same shape); `rows` is the
+    batch size its layout is chosen for (any batch size works)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, bias = inputs
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(x if weight.requires_grad else None, weight)
+
+
+def _backward(ctx, grad: torch.Tensor):
+    x, weight = ctx.saved_tensors
+    grad_x = grad_w = grad_b = None
+    if ctx.needs_input_grad[0]:
+        grad_x = onednn_linear(grad, weight.t(), None)  # grad @ weight
+    g2 = grad.reshape(-1, grad.shape[-1])  # (N, out)
+    if ctx.needs_input_grad[1]:
+        grad_w = onednn_linear(g2.t(), x.reshape(-1, x.shape[-1]).t(), None)  # gradᵀ @ x: (out, in)
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        grad_b = g2.sum(0)
+    return grad_x, grad_w, grad_b
+
+
+onednn_linear.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _probe() -> bool:
@@ -59,5 +105,10 @@ def uses_onednn(weight: torch.Tensor) -> bool:
 
 
 def frozen_linear(x: torch.Tensor, layer: torch.nn.Linear, onednn: bool) -> torch.Tensor:
-    """`layer(x)` for a frozen nn.Linear, through oneDNN when `onednn` (see `uses_onednn`)."""
+    """`layer(x)` for an nn.Linear, through oneDNN when `onednn` (see `uses_onednn`)."""
     return onednn_linear(x, layer.weight, layer.bias) if onednn else layer(x)
+
+
+def linear_for(weight: torch.Tensor):
+    """`F.linear`, or `onednn_linear` where `uses_onednn(weight)`: the kernel for the matmuls with `weight`."""
+    return onednn_linear if uses_onednn(weight) else F.linear

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from adapters.dense import frozen_linear, uses_onednn
+from adapters.dense import pack_weight, packed_linear, uses_onednn
 from adapters.ops import lora_batched, lora_gathered
 
 
@@ -63,11 +63,17 @@ class MultiLoraLinear(nn.Module):
         self.register_buffer("lora_bt", torch.zeros(*shape, self.out_features, dtype=w.dtype, device=w.device))
         # adapter keys with rows in this layer: a batch naming none of them skips the LoRA term
         self.adapters: set[int] = set()
-        # fp32 nn.Linear on the CPU: oneDNN's kernels rather than MKL's (adapters.dense); Conv1D keeps its addmm
-        self.onednn = isinstance(base_layer, nn.Linear) and uses_onednn(w)
+        # fp32 nn.Linear on the CPU: oneDNN's kernels on a packed copy of the weight rather than MKL's
+        # (adapters.dense); a plain attribute, not a buffer: it is no state of the model. Conv1D keeps its addmm.
+        self.packed = pack_weight(w) if isinstance(base_layer, nn.Linear) and uses_onednn(w) else None
+
+    def repack(self) -> None:
+        """Pack the base weight anew after it changed (a merge); a no-op for layers without a packed copy."""
+        if self.packed is not None:
+            self.packed = pack_weight(self.base_layer.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = frozen_linear(x, self.base_layer, self.onednn)
+        y = self.base_layer(x) if self.packed is None else packed_linear(x, self.packed, self.base_layer.bias)
         b = self.batch
         if b.idx is None or (b.check_targets and self.adapters.isdisjoint(b.adapters)):
             return y

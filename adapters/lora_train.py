@@ -18,6 +18,7 @@ from safetensors import safe_open
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from adapters.dense import frozen_linear, uses_onednn
 from adapters.layers import layer_shape
 from adapters.ops import lora_linear
 from adapters.peft_io import LoraModule, LoraWeights
@@ -61,9 +62,10 @@ class LoraLinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5), generator=generator)
         self.scaling = alpha / r
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.onednn = isinstance(base_layer, nn.Linear) and uses_onednn(base_layer.weight)  # adapters.dense
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_layer(x)
+        y = frozen_linear(x, self.base_layer, self.onednn)
         return y + lora_linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A, self.lora_B, self.scaling).to(
             y.dtype
         )

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from adapters.dense import frozen_linear, uses_onednn
 from adapters.layers import layer_shape
 
 # ΔW up to this many elements is decomposed in float64 on the CPU; larger ones in float32 on their own device
@@ -78,9 +79,10 @@ class SwitchLoraLinear(nn.Module):
         slots = torch.arange(self.n_candidates - r, self.n_candidates, device=w.device)
         self.lora_A = nn.Parameter(self.cand_A[slots].clone())  # (r, in)
         self.lora_B = nn.Parameter(self.cand_B[slots.roll(r // 2)].T.contiguous())  # (out, r)
+        self.onednn = isinstance(base_layer, nn.Linear) and uses_onednn(w)  # adapters.dense
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base_layer(x) + (x @ self.lora_A.T @ self.lora_B.T) * self.scaling
+        return frozen_linear(x, self.base_layer, self.onednn) + (x @ self.lora_A.T @ self.lora_B.T) * self.scaling
 
     def weight_oi(self) -> torch.Tensor:
         """The base weight as an (out, in) view: in-place changes reach base_layer.weight."""

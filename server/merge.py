@@ -61,13 +61,16 @@ class AutoMerger:
             # one new tensor W + B·A (out, in) with B = btᵀ (scaling folded in); Conv1D stores (in, out)
             lhs, rhs = (a.T, bt) if isinstance(layer.base_layer, Conv1D) else (bt.T, a)
             w.data = torch.addmm(w.data, lhs.to(w.dtype), rhs.to(w.dtype))
+            layer.repack()
         self.merged, self.merged_pages = adapter, pages
         self._history.clear()
         self.merges += 1
 
     def unmerge(self) -> None:
         for module, original in self._originals.items():
-            self.layers[module].base_layer.weight.data = original
+            layer = self.layers[module]
+            layer.base_layer.weight.data = original
+            layer.repack()
         self._originals.clear()
         self.pool.release(self.merged)
         self.merged, self.merged_pages = None, None

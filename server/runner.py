@@ -14,7 +14,7 @@ import inspect
 
 import torch
 
-from adapters.dense import frozen_linear, uses_onednn
+from adapters.dense import pack_weight, packed_linear, uses_onednn
 from adapters.layers import LoraBatch, inject_multi_lora, layer_shape
 from adapters.pool import LoraPool
 from adapters.registry import Adapter
@@ -42,7 +42,9 @@ class ModelRunner:
         # transformers renamed `past_key_values` to `cache` (5.2x; the old name is deprecated until 5.40)
         self._cache_kw = "cache" if "cache" in inspect.signature(self.backbone.forward).parameters else "past_key_values"
         self.lm_head = model.get_output_embeddings()
-        self._head_onednn = isinstance(self.lm_head, torch.nn.Linear) and uses_onednn(self.lm_head.weight)
+        head_w = self.lm_head.weight
+        # on the CPU in fp32, oneDNN on a packed copy of the vocabulary projection (adapters.dense)
+        self._head_packed = pack_weight(head_w) if isinstance(self.lm_head, torch.nn.Linear) and uses_onednn(head_w) else None
         if config.lora_backend not in ("compiled", "eager"):
             raise ValueError(f"lora_backend must be 'compiled' or 'eager', not {config.lora_backend!r}")
         self.lora_batch = LoraBatch(check_targets=config.lora_backend == "eager")
@@ -107,7 +109,7 @@ class ModelRunner:
         self.cache.prepare_prefill(row0, n, t)
         hidden = self._forward_with_lora(ids.to(self.device), positions, mask, adapters, per_request=True)
         last = hidden[torch.arange(n, device=self.device), torch.tensor(lens, device=self.device) - 1]
-        return frozen_linear(last, self.lm_head, self._head_onednn).float()
+        return self._logits(last)
 
     def decode(self, tokens: list[int], positions: list[int], adapters: list[AdapterRows]) -> torch.Tensor:
         """One token for each of cache rows 0..B-1 at `positions`; returns (B, vocab) float32 logits."""
@@ -117,7 +119,12 @@ class ModelRunner:
         mask = (torch.arange(kv_len, device=self.device)[None] <= pos[:, None])[:, None, None, :]
         self.cache.prepare_decode(pos, kv_len)
         hidden = self._forward_with_lora(ids, pos[:, None], mask, adapters, per_request=False)
-        return frozen_linear(hidden[:, -1], self.lm_head, self._head_onednn).float()
+        return self._logits(hidden[:, -1])
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self._head_packed is None:
+            return self.lm_head(hidden).float()
+        return packed_linear(hidden, self._head_packed, self.lm_head.bias).float()
 
     def _forward_with_lora(self, ids, positions, mask, adapters: list[AdapterRows], per_request: bool) -> torch.Tensor:
         self._set_lora(adapters, per_request)

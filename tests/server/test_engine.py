@@ -11,6 +11,7 @@ from peft import PeftModel
 from tiny import make_peft_adapter
 from transformers import AutoModelForCausalLM
 
+from adapters.dense import packed_linear
 from adapters.peft_io import load_peft_adapter
 from adapters.registry import AdapterRegistry
 from server.engine import AdapterUse, Engine, EngineConfig, GenerationRequest
@@ -214,5 +215,11 @@ def test_many_merge_cycles_leave_no_drift(llama_dir, adapters):
             h.engine.merger.merge(adapter, pages, adapter.weights)
             h.engine.merger.unmerge()
         assert all(torch.equal(p, original[n]) for n, p in params.items())
+        # the layers' packed copies for oneDNN (adapters.dense), where used, were made anew from those weights
+        for layer in h.engine.runner.layers.values():
+            if layer.packed is not None:
+                x = torch.randn(3, layer.in_features)
+                want = torch.nn.functional.linear(x, layer.base_layer.weight, layer.base_layer.bias)
+                torch.testing.assert_close(packed_linear(x, layer.packed, layer.base_layer.bias), want)
     finally:
         h.engine.stop()
