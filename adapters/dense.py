@@ -51,7 +51,10 @@ def _(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch
 def pack_weight(weight: torch.Tensor, rows: int = 16) -> torch.Tensor:
     """`weight` (out, in) reordered for oneDNN (an opaque mkldnn tensor of the same shape); `rows` is the
     batch size its layout is chosen for (any batch size works)."""
-    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows)
+    # always an inference tensor, wherever it is made (a merge repacks on the engine thread, in inference mode):
+    # compiled graphs guard on the dispatch keys of their inputs, so a repacked weight must look like the first
+    with torch.inference_mode():
+        return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows)
 
 
 def _setup_context(ctx, inputs, output) -> None:

@@ -203,6 +203,23 @@ def test_auto_merge_serves_everyone_correctly_and_restores_weights_exactly(llama
         merging.engine.stop()
 
 
+def test_merge_and_unmerge_compile_nothing_after_warmup(llama_dir, adapters):
+    """A merge repacks the merged layers' weights for oneDNN (adapters.dense): the compiled decoder layer takes the
+    new packed tensors as it took the first ones, so merging and unmerging recompile nothing."""
+    h = Harness(llama_dir, adapters, "compiled", auto_merge=True, merge_threshold=0.75, merge_window=3)
+    try:
+        compiles = dict(torch._dynamo.utils.counters["frames"])  # every frame dynamo tried to compile
+        dominant = [dict(prompt=p, adapters=[("a", 1.0)], max_tokens=12, ignore_eos=True) for p in PROMPTS[:4]]
+        for _ in range(2):
+            h.run(dominant)  # merges
+            h.run([dict(prompt=p, max_tokens=12, ignore_eos=True) for p in PROMPTS])  # mixed again: unmerges
+        m = h.engine.merger
+        assert m.merges == 2 and m.unmerges == 2
+        assert dict(torch._dynamo.utils.counters["frames"]) == compiles
+    finally:
+        h.engine.stop()
+
+
 def test_many_merge_cycles_leave_no_drift(llama_dir, adapters):
     h = Harness(llama_dir, adapters, "eager", auto_merge=True)
     try:
