@@ -6,7 +6,8 @@ weights) learns much better than LoRA from a random initialization, approaching 
 
 Setup, the same for every run:
   - corpus: Python's own documentation, `pydoc_data.topics.topics` (79 topics, ~465 K characters, no download), in
-    sorted-topic order, cut into 4,096-character blocks; every 10th block is held out;
+    sorted-topic order, or with `--corpus stdlib` the standard library's own Python sources (up to --corpus-chars,
+    8 M), cut into 4,096-character blocks; every 10th block is held out;
   - tokenizer: byte-level BPE (the `tokenizers` package) with a --vocab (2,048) vocabulary, trained on the training
     blocks only; both parts tokenized and cut into 128-token chunks;
   - model: `LlamaForCausalLM` from a config, hidden 256, 4 layers, 4 heads, MLP 688, tied embeddings, fp32, one
@@ -35,7 +36,8 @@ run, the best of each method in bold; "train tok/s" counts steps 3..N (evaluatio
 the rest of the machine used meanwhile (as in train_speed.py): above ~10 % that run's tok/s is not to be trusted (its
 losses do not depend on it: every run is deterministic).
 
-Usage: `python benchmarks/switchlora_scratch.py [--quick] [--steps N] [--rank R] [--methods ...]`. `--quick` runs 12
+Usage: `python benchmarks/switchlora_scratch.py [--quick] [--steps N] [--rank R] [--methods ...] [--lrs ...]
+[--corpus pydoc|stdlib]`. `--quick` runs 12
 steps of lora and switchlora_fast at one learning rate to check that the script works; its numbers mean nothing.
 """
 
@@ -45,6 +47,7 @@ import argparse
 import math
 import platform
 import sys
+import sysconfig
 import time
 from pathlib import Path
 
@@ -76,11 +79,30 @@ METHODS = {
 # --- data ----------------------------------------------------------------------------------------------------------
 
 
-def split_corpus() -> tuple[str, str]:
-    """(training text, held-out text): the pydoc topics in sorted order, every HELD_OUT_EVERY-th block held out."""
-    from pydoc_data.topics import topics
+def corpus_text(corpus: str, max_chars: int) -> str:
+    """The text of `corpus`: "pydoc", the pydoc topics in sorted order (~465 K characters), or "stdlib", the Python
+    sources of this interpreter's standard library (its tests left out) in sorted path order, up to `max_chars`."""
+    if corpus == "pydoc":
+        from pydoc_data.topics import topics
 
-    text = "\n\n".join(topics[k] for k in sorted(topics))
+        return "\n\n".join(topics[k] for k in sorted(topics))
+    root = Path(sysconfig.get_paths()["stdlib"])
+    parts, size = [], 0
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root).parts
+        if rel[0] in ("test", "idlelib", "site-packages") or "tests" in rel:
+            continue
+        text = path.read_text(encoding="utf-8", errors="replace")
+        parts.append(text)
+        size += len(text) + 2
+        if size >= max_chars:
+            break
+    return "\n\n".join(parts)[:max_chars]
+
+
+def split_corpus(corpus: str = "pydoc", max_chars: int = 8_000_000) -> tuple[str, str]:
+    """(training text, held-out text): every HELD_OUT_EVERY-th block of `corpus_text` held out."""
+    text = corpus_text(corpus, max_chars)
     blocks = [text[i : i + BLOCK_CHARS] for i in range(0, len(text), BLOCK_CHARS)]
     held = [b for i, b in enumerate(blocks) if i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1]
     train = [b for i, b in enumerate(blocks) if i % HELD_OUT_EVERY != HELD_OUT_EVERY - 1]
@@ -219,16 +241,25 @@ def main() -> None:
     ap.add_argument("--embed-lr", type=float, default=1e-2, help="learning rate of the embedding and norms (all runs)")
     ap.add_argument("--vocab", type=int, default=2048, help="BPE vocabulary size")
     ap.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--lrs", type=float, nargs="*", default=None,
+                    help="one learning rate per method in --methods (default: each method's sweep)")
+    ap.add_argument("--corpus", choices=["pydoc", "stdlib"], default="pydoc",
+                    help="pydoc topics (~465 K characters) or the standard library's Python sources")
+    ap.add_argument("--corpus-chars", type=int, default=8_000_000, help="at most this much of the corpus")
     ap.add_argument("--quick", action="store_true", help="smoke check: 12 steps, two methods, one lr each, no JSON")
     ap.add_argument("--out", type=Path, default=None, help="JSON (default: benchmarks/results/switchlora_scratch.json)")
     args = ap.parse_args()
     sweep = {m: METHODS[m]["lrs"] for m in args.methods}
+    if args.lrs is not None:
+        if len(args.lrs) != len(args.methods):
+            ap.error("--lrs takes one learning rate per method in --methods")
+        sweep = {m: [lr] for m, lr in zip(args.methods, args.lrs, strict=True)}
     if args.quick:
         args.steps, sweep = 12, {"lora": [1e-2], "switchlora_fast": [1e-2]}
     out_path = args.out or (None if args.quick else RESULTS_DIR / "switchlora_scratch.json")
 
     t0 = time.perf_counter()
-    train_text, held_text = split_corpus()
+    train_text, held_text = split_corpus(args.corpus, args.corpus_chars)
     train, held, vocab = tokenize_chunks(train_text, held_text, args.vocab)
     data = dict(train=train, held=held, vocab=vocab, order=batch_order(len(train), args.batch_size, args.steps))
     tokens = args.steps * args.batch_size * SEQ
@@ -279,7 +310,7 @@ def main() -> None:
             print(f"target {METHODS[name]['label']} < LoRA in held-out loss: {s:.3f} vs {lo:.3f} ({verdict})")
 
     if out_path:
-        setup = dict(model=MODEL, vocab=vocab, seq=SEQ, steps=args.steps, batch_size=args.batch_size,
+        setup = dict(corpus=args.corpus, corpus_chars=len(train_text) + len(held_text), model=MODEL, vocab=vocab, seq=SEQ, steps=args.steps, batch_size=args.batch_size,
                      rank=args.rank, lora_alpha=LORA_ALPHA, embed_lr=args.embed_lr, methods=METHODS, sweep=sweep,
                      train_chunks=len(train), held_out_chunks=len(held), torch=torch.__version__,
                      threads=torch.get_num_threads(), machine=platform.processor() or platform.machine())  # fmt: skip
