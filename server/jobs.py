@@ -42,7 +42,8 @@ class RunnerConfig:
     nice: int = 10
     """Niceness added to each worker process, so the serving engine keeps priority on shared cores."""
     stop_timeout: float = 30.0
-    """Seconds a worker gets to checkpoint and exit at shutdown before it is killed."""
+    """Seconds a worker gets to checkpoint and exit at shutdown, or to stop by itself once past its job's wall-clock
+    limit, before it is killed."""
 
 
 @dataclass
@@ -54,6 +55,7 @@ class _Active:
     shutdown: Any
     started: float
     result: dict | None = None
+    over_time: bool = False  # killed by the runner: past its wall-clock limit and not stopping by itself
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -179,6 +181,12 @@ class JobRunner:
         for job_id, a in list(self.active.items()):
             self._drain(a)
             if a.process.is_alive():
+                # the worker checks its time budget after every optimizer step; one starved of CPU or stuck in a
+                # step for longer than stop_timeout past the limit is stopped here, so the limit holds regardless
+                past = time.monotonic() - a.started - (a.job.max_seconds - a.job.seconds_used)
+                if past > self.config.stop_timeout and not a.over_time:
+                    a.over_time = True
+                    a.process.kill()
                 continue
             a.process.join()
             self._drain(a)
@@ -228,6 +236,10 @@ class JobRunner:
     async def _finish(self, a: _Active) -> None:
         job_id, r = a.job.id, a.result
         used = a.job.seconds_used + time.monotonic() - a.started
+        if r is None and a.over_time:
+            self._fail(job_id, "time_limit", f"The job exceeded its wall-clock limit of {a.job.max_seconds:.0f} s; "
+                       f"its worker did not stop within {self.config.stop_timeout:.0f} s after it and was stopped.")
+            return
         if r is None:
             self._fail(job_id, "worker_died", f"The training process exited unexpectedly (exit code {a.process.exitcode}).")
             return

@@ -230,6 +230,26 @@ def test_wall_clock_limit_fails_the_job(http, train_file):
     assert 0 < job["metrics"]["step"] < 4000
 
 
+def test_wall_clock_limit_holds_for_a_worker_that_cannot_check_it(tmp_path, llama_dir):
+    """The worker checks its budget between optimizer steps; one that is stuck (here: stopped by SIGSTOP) is killed
+    by the runner `drain_timeout` seconds past the limit, and the job fails with the reason."""
+    live = start_server(tiny_settings(llama_dir, tmp_path, max_train_steps=5000, training_threads=1, drain_timeout=2))
+    try:
+        with httpx.Client(base_url=live.url, timeout=60) as c:
+            f = upload(c).json()["id"]
+            body = {"training_file": f, "adapter_name": "stuck", "max_seconds": 3,
+                    "method": {"hyperparameters": {"rank": 4, "max_steps": 4000, "batch_size": 3}}}
+            job = c.post("/v1/fine_tuning/jobs", json=body).json()
+            wait(c, job["id"], lambda j: j["status"] == RUNNING)
+            os.kill(live.state.runner.active[job["id"]].process.pid, signal.SIGSTOP)
+            t0 = time.monotonic()
+            job = wait(c, job["id"], finished, timeout=30)
+            assert job["status"] == FAILED and "wall-clock limit of 3 s" in job["error"]["message"]
+            assert "was stopped" in job["error"]["message"] and time.monotonic() - t0 < 10
+    finally:
+        live.stop()
+
+
 def test_metrics_count_jobs_by_status(http, train_file):
     text = http.get("/metrics").text
     assert 'loraplex_training_jobs{status="succeeded"}' in text
