@@ -14,8 +14,8 @@ transposed view of a weight at full speed, so backward needs no copies).
 Which layers use it is decided once, when the engine or the trainer wraps them (`uses_onednn`).
 
 The engine's frozen weights go one step further: `pack_weight` reorders each once into oneDNN's
-blocked layout (what inductor's freezing does for a constant weight), and `packed_linear` runs on
-that. A decode step streams every weight from memory; measured here over 30 layers' worth at 16
+blocked layout (what inductor's freezing does for a constant weight), and `onednn_linear` takes that
+in place of the weight (inference only: a packed weight has no gradient). A decode step streams every weight from memory; measured here over 30 layers' worth at 16
 rows: MKL 48-60 ms, oneDNN on the plain weights 32 ms, on packed weights 22-26 ms. The packed copy
 costs the weights' size again in memory, and must be made anew when a weight changes (a merge).
 """
@@ -28,24 +28,13 @@ import torch.nn.functional as F
 
 @torch.library.custom_op("loraplex::onednn_linear", mutates_args=())
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """`F.linear(x, weight, bias)`: x (..., in), weight (out, in), bias (out,) or None."""
+    """`F.linear(x, weight, bias)`: x (..., in), weight (out, in) or `pack_weight` of it, bias (out,) or None."""
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
 @onednn_linear.register_fake
 def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return x.new_empty(*x.shape[:-1], weight.shape[0])
-
-
-@torch.library.custom_op("loraplex::packed_linear", mutates_args=())
-def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """`F.linear(x, weight, bias)` with `packed = pack_weight(weight)`; inference only."""
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-
-
-@packed_linear.register_fake
-def _(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return x.new_empty(*x.shape[:-1], packed.shape[0])
 
 
 def pack_weight(weight: torch.Tensor, rows: int = 16) -> torch.Tensor:

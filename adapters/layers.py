@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from adapters.dense import pack_weight, packed_linear, uses_onednn
+from adapters.dense import onednn_linear, pack_weight, uses_onednn
 from adapters.ops import lora_batched, lora_gathered
 
 
@@ -73,7 +73,7 @@ class MultiLoraLinear(nn.Module):
             self.packed = pack_weight(self.base_layer.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_layer(x) if self.packed is None else packed_linear(x, self.packed, self.base_layer.bias)
+        y = self.base_layer(x) if self.packed is None else onednn_linear(x, self.packed, self.base_layer.bias)
         b = self.batch
         if b.idx is None or (b.check_targets and self.adapters.isdisjoint(b.adapters)):
             return y

@@ -5,8 +5,8 @@ delta is folded into the base weights, `W' = W + s·B·A`, so its requests pay n
 The batch still serves every other request correctly: their deltas are taken relative to the
 merged weights, i.e. each other row also applies the merged adapter's pages with weight -1 (a
 composition that includes it at weight w applies w - 1). When traffic mixes again the layers
-point back at their original weight tensors, which were never written: unmerging restores the
-base bit for bit, however many cycles run.
+point back at their original weight tensors (and their packed copies for oneDNN), which were never
+written: unmerging restores the base bit for bit, however many cycles run.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ class AutoMerger:
         self.threshold, self.window = threshold, window
         self.merged: Adapter | None = None
         self.merged_pages: torch.Tensor | None = None
-        self._originals: dict[str, torch.Tensor] = {}
+        self._originals: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}  # weight, packed copy
         self._history: deque[tuple[Adapter | None, float]] = deque(maxlen=window)
         self.merges = 0
         self.unmerges = 0
@@ -57,7 +57,7 @@ class AutoMerger:
             a = layer.lora_a[pages].flatten(0, 1)  # (K·G, in)
             bt = layer.lora_bt[pages].flatten(0, 1)  # (K·G, out), scaling folded in
             w = layer.base_layer.weight
-            self._originals[module] = w.data
+            self._originals[module] = (w.data, layer.packed)
             # one new tensor W + B·A (out, in) with B = btᵀ (scaling folded in); Conv1D stores (in, out)
             lhs, rhs = (a.T, bt) if isinstance(layer.base_layer, Conv1D) else (bt.T, a)
             w.data = torch.addmm(w.data, lhs.to(w.dtype), rhs.to(w.dtype))
@@ -67,10 +67,9 @@ class AutoMerger:
         self.merges += 1
 
     def unmerge(self) -> None:
-        for module, original in self._originals.items():
+        for module, (weight, packed) in self._originals.items():
             layer = self.layers[module]
-            layer.base_layer.weight.data = original
-            layer.repack()
+            layer.base_layer.weight.data, layer.packed = weight, packed
         self._originals.clear()
         self.pool.release(self.merged)
         self.merged, self.merged_pages = None, None

@@ -14,7 +14,7 @@ import inspect
 
 import torch
 
-from adapters.dense import pack_weight, packed_linear, uses_onednn
+from adapters.dense import onednn_linear, pack_weight, uses_onednn
 from adapters.layers import LoraBatch, inject_multi_lora, layer_shape
 from adapters.pool import LoraPool
 from adapters.registry import Adapter
@@ -124,7 +124,7 @@ class ModelRunner:
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self._head_packed is None:
             return self.lm_head(hidden).float()
-        return packed_linear(hidden, self._head_packed, self.lm_head.bias).float()
+        return onednn_linear(hidden, self._head_packed, self.lm_head.bias).float()
 
     def _forward_with_lora(self, ids, positions, mask, adapters: list[AdapterRows], per_request: bool) -> torch.Tensor:
         self._set_lora(adapters, per_request)

@@ -11,7 +11,7 @@ from peft import PeftModel
 from tiny import make_peft_adapter
 from transformers import AutoModelForCausalLM
 
-from adapters.dense import packed_linear
+from adapters.dense import onednn_linear
 from adapters.peft_io import load_peft_adapter
 from adapters.registry import AdapterRegistry
 from server.engine import AdapterUse, Engine, EngineConfig, GenerationRequest
@@ -237,6 +237,6 @@ def test_many_merge_cycles_leave_no_drift(llama_dir, adapters):
             if layer.packed is not None:
                 x = torch.randn(3, layer.in_features)
                 want = torch.nn.functional.linear(x, layer.base_layer.weight, layer.base_layer.bias)
-                torch.testing.assert_close(packed_linear(x, layer.packed, layer.base_layer.bias), want)
+                torch.testing.assert_close(onednn_linear(x, layer.packed, layer.base_layer.bias), want)
     finally:
         h.engine.stop()
