@@ -52,20 +52,31 @@ def layer_shape(layer: nn.Module) -> tuple[int, int]:
 class MultiLoraLinear(nn.Module):
     """A frozen base linear plus the LoRA rows of every adapter the batch names."""
 
-    def __init__(self, base_layer: nn.Module, batch: LoraBatch, pages: int, page_size: int):
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        batch: LoraBatch,
+        pages: int,
+        page_size: int,
+        pack: bool = True,
+        lora_dtype: torch.dtype | None = None,
+    ):
         super().__init__()
         self.base_layer = base_layer
         self.batch = batch
         self.in_features, self.out_features = layer_shape(base_layer)
         w = base_layer.weight
-        shape = (pages, page_size)
-        self.register_buffer("lora_a", torch.zeros(*shape, self.in_features, dtype=w.dtype, device=w.device))
-        self.register_buffer("lora_bt", torch.zeros(*shape, self.out_features, dtype=w.dtype, device=w.device))
+        # the pages in `lora_dtype` (default: the weight's), widened to the activations' dtype as they are read
+        shape, dtype = (pages, page_size), lora_dtype or w.dtype
+        self.register_buffer("lora_a", torch.zeros(*shape, self.in_features, dtype=dtype, device=w.device))
+        self.register_buffer("lora_bt", torch.zeros(*shape, self.out_features, dtype=dtype, device=w.device))
         # adapter keys with rows in this layer: a batch naming none of them skips the LoRA term
         self.adapters: set[int] = set()
-        # fp32 nn.Linear on the CPU: oneDNN's kernels on a packed copy of the weight rather than MKL's
-        # (adapters.dense); a plain attribute, not a buffer: it is no state of the model. Conv1D keeps its addmm.
-        self.packed = pack_weight(w) if isinstance(base_layer, nn.Linear) and uses_onednn(w) else None
+        # fp32 nn.Linear on the CPU: oneDNN's kernels rather than MKL's (adapters.dense), on a packed copy of the
+        # weight unless `pack` is off (it costs the weight's memory again); a plain attribute, not a buffer: it is
+        # no state of the model. Conv1D keeps its addmm.
+        self.onednn = isinstance(base_layer, nn.Linear) and uses_onednn(w)
+        self.packed = pack_weight(w) if self.onednn and pack else None
 
     def repack(self) -> None:
         """Pack the base weight anew after it changed (a merge); a no-op for layers without a packed copy."""
@@ -73,7 +84,10 @@ class MultiLoraLinear(nn.Module):
             self.packed = pack_weight(self.base_layer.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_layer(x) if self.packed is None else onednn_linear(x, self.packed, self.base_layer.bias)
+        if self.onednn:
+            y = onednn_linear(x, self.base_layer.weight if self.packed is None else self.packed, self.base_layer.bias)
+        else:
+            y = self.base_layer(x)
         b = self.batch
         if b.idx is None or (b.check_targets and self.adapters.isdisjoint(b.adapters)):
             return y
@@ -95,9 +109,16 @@ class MultiLoraLinear(nn.Module):
 
 
 def inject_multi_lora(
-    model: nn.Module, batch: LoraBatch, pages: int, page_size: int, exclude: tuple[str, ...] = ("lm_head",)
+    model: nn.Module,
+    batch: LoraBatch,
+    pages: int,
+    page_size: int,
+    exclude: tuple[str, ...] = ("lm_head",),
+    pack: bool = True,
+    lora_dtype: torch.dtype | None = None,
 ) -> dict[str, MultiLoraLinear]:
-    """Wrap every linear / Conv1D layer of `model` (except `exclude`) in place.
+    """Wrap every linear / Conv1D layer of `model` (except `exclude`) in place (`pack`, `lora_dtype`: see
+    MultiLoraLinear).
 
     Returns {module path: wrapper}; the paths are those of the unwrapped model, which are the
     names PEFT writes in its keys.
@@ -111,7 +132,7 @@ def inject_multi_lora(
     for name, mod in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        wrapper = MultiLoraLinear(mod, batch, pages, page_size)
+        wrapper = MultiLoraLinear(mod, batch, pages, page_size, pack, lora_dtype)
         setattr(parent, child, wrapper)
         wrapped[name] = wrapper
     return wrapped

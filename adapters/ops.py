@@ -12,6 +12,8 @@ Operands of one layer (the pool is cut into pages of G consecutive rank rows):
 
 Semantics (every op here returns the same value up to floating-point rounding):
     for each token i: out[i] = Σ_k Σ_g weights[i, k, g] · (x[i] @ lora_a[idx[i, k], g]) · lora_bt[idx[i, k], g]
+The pages may be stored in a narrower dtype than x (bf16 pages halve the bytes a decode step streams, vLLM's
+`lora_dtype`); they are widened to x's dtype as they are read, and the arithmetic is x's.
 
 `lora_reference` is that loop and the spec every fast path is tested against. `lora_linear` is the
 single-adapter term a trainer differentiates through (loralib's one-line forward): every token on
@@ -30,6 +32,7 @@ def lora_reference(
 ) -> torch.Tensor:
     """The plain loop of the module docstring."""
     out = x.new_zeros(x.shape[0], lora_bt.shape[-1])
+    lora_a, lora_bt = lora_a.to(x.dtype), lora_bt.to(x.dtype)
     for i in range(x.shape[0]):
         for k in range(idx.shape[1]):
             page = int(idx[i, k])
@@ -47,8 +50,8 @@ def lora_gathered(
     into the reduction and streams each page (G contiguous rows) once instead of copying it.
     """
     # xa: (N, K, G) — each token projected into its adapters' rank space
-    xa = (lora_a[idx] * x[:, None, None, :]).sum(-1) * weights
-    return (lora_bt[idx] * xa[..., None]).sum((1, 2))
+    xa = (lora_a[idx].to(x.dtype) * x[:, None, None, :]).sum(-1) * weights
+    return (lora_bt[idx].to(x.dtype) * xa[..., None]).sum((1, 2))
 
 
 def lora_batched(
@@ -61,8 +64,8 @@ def lora_batched(
     value as `lora_gathered` with every request's row repeated T times.
     """
     n = idx.shape[0]
-    a = lora_a[idx].flatten(1, 2)  # (n, K·G, in)
-    bt = lora_bt[idx].flatten(1, 2)  # (n, K·G, out)
+    a = lora_a[idx].flatten(1, 2).to(x.dtype)  # (n, K·G, in)
+    bt = lora_bt[idx].flatten(1, 2).to(x.dtype)  # (n, K·G, out)
     xa = torch.bmm(x.view(n, -1, x.shape[1]), a.transpose(1, 2)) * weights.flatten(1)[:, None, :]  # (n, T, K·G)
     return torch.bmm(xa, bt).flatten(0, 1)
 

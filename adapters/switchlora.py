@@ -26,8 +26,10 @@ interval(t) = interval0 / 0.3^((t+1) / (ratio·T)). n is capped at r//2 minus th
 so a frozen vector is never switched again and no A row / B column pair is ever frozen on both sides. As in the
 authors' code, a layer with r = 1 or with no spare candidate (r = C) never switches.
 
-A run yields new base weights, not an adapter. `export_switchlora` turns ΔW = W + scaling·B·A − W0 into a rank-k
-PEFT LoRA by truncated SVD. The export is lossy and reports the energy it kept.
+At injection W absorbs −scaling·B·A (the authors' `layer2lora`), so the model starts as the base model; a switch
+never changes the function either, only training does. A run yields new base weights, not an adapter.
+`export_switchlora` turns ΔW = W + scaling·B·A − W0 into a rank-k PEFT LoRA by truncated SVD. The export is lossy and
+reports the energy it kept.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ def init_bounds(in_features: int, out_features: int, r: int) -> tuple[float, flo
 
 class SwitchLoraLinear(nn.Module):
     """Wraps a base nn.Linear or transformers Conv1D. base_layer.weight is the TRAINING COPY and is
-    mutated in place by switches (requires_grad False)."""
+    mutated in place, at injection and by switches (requires_grad False)."""
 
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, generator: torch.Generator):
         super().__init__()
@@ -79,6 +81,10 @@ class SwitchLoraLinear(nn.Module):
         slots = torch.arange(self.n_candidates - r, self.n_candidates, device=w.device)
         self.lora_A = nn.Parameter(self.cand_A[slots].clone())  # (r, in)
         self.lora_B = nn.Parameter(self.cand_B[slots.roll(r // 2)].T.contiguous())  # (out, r)
+        # A and B start non-zero; the training copy of W absorbs −scaling·B·A (the authors' `layer2lora`), so the
+        # layer starts as the base layer's function and ΔW = W + scaling·B·A − W0 starts at zero
+        with torch.no_grad():
+            self.weight_oi().sub_((self.lora_B.float() @ self.lora_A.float()).mul_(self.scaling).to(w.dtype))
         self.onednn = isinstance(base_layer, nn.Linear) and uses_onednn(w)  # adapters.dense
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -114,11 +114,6 @@ class Trainer:
             self.base_weights = locate_base_weights(cfg.model, targets)  # fails now rather than after training
             leaves = sorted({name.rsplit(".", 1)[-1] for name in targets})
             self.layers = inject_switchlora(self.model, leaves, cfg.rank, cfg.alpha, cfg.seed)
-            # SwitchLoRA starts A and B both non-zero (it was made for pre-training). Fine-tuning starts at the
-            # base model: the training copy of W absorbs -scaling·B0·A0, as PiSSA and LoRA-GA offset theirs.
-            with torch.no_grad():
-                for layer in self.layers.values():
-                    layer.weight_oi().sub_((layer.scaling * layer.lora_B @ layer.lora_A).to(layer.weight_oi().dtype))
             groups = switchlora_param_groups(self.layers, cfg.weight_decay)
             self.optimizer = StepAdamW(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
             self.switch = SwitchScheduler(

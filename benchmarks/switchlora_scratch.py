@@ -13,7 +13,7 @@ Setup, the same for every run:
   - model: `LlamaForCausalLM` from a config, hidden 256, 4 layers, 4 heads, MLP 688, tied embeddings, fp32, one
     random initialization (seed 0) shared by every run;
   - training: batches of 8 chunks in one seeded order (the same batches for every run), --steps steps, linear
-    warm-up over 10 % of the steps then cosine decay to 10 % of the peak learning rate, gradient clipping at 1.0,
+    warm-up over --warmup (10 %) of the steps then cosine decay to 10 % of the peak learning rate, gradient clipping at 1.0,
     Adam(W) β = (0.9, 0.999) without weight decay; held-out loss = mean next-token cross-entropy over every held-out
     chunk at the end (and half-way, for the JSON).
 
@@ -173,8 +173,8 @@ def prepare(method: str, model, rank: int, lr: float, embed_lr: float, steps: in
     return optimizer, switch, params
 
 
-def lr_lambda(steps: int):
-    warmup = max(1, round(0.1 * steps))
+def lr_lambda(steps: int, warmup_frac: float = 0.1):
+    warmup = max(1, round(warmup_frac * steps))
 
     def factor(t: int) -> float:
         if t < warmup:
@@ -199,7 +199,7 @@ def held_out_loss(model, chunks: torch.Tensor, batch: int = 32) -> float:
 def run(method: str, lr: float, args, data: dict) -> dict:
     model = build_model(data["vocab"])
     optimizer, switch, params = prepare(method, model, args.rank, lr, args.embed_lr, args.steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.steps, args.warmup))
     trainable = sum(p.numel() for p in {id(p): p for p in params}.values())
     evals_at = {round(args.steps / 2)}  # and at the end
     curve, losses, switched, train_s, other_s = [], [], 0, 0.0, 0.0
@@ -238,11 +238,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300, help="optimizer steps per run")
     ap.add_argument("--batch-size", type=int, default=8, help="chunks of 128 tokens per step")
     ap.add_argument("--rank", type=int, default=32, help="LoRA / SwitchLoRA rank r")
+    ap.add_argument("--warmup", type=float, default=0.1, help="linear warm-up, as a fraction of the steps")
     ap.add_argument("--embed-lr", type=float, default=1e-2, help="learning rate of the embedding and norms (all runs)")
     ap.add_argument("--vocab", type=int, default=2048, help="BPE vocabulary size")
     ap.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--lrs", type=float, nargs="*", default=None,
-                    help="one learning rate per method in --methods (default: each method's sweep)")
+                    help="one learning rate per entry of --methods, which may name a method more than once (default: each "
+                    "method's sweep)")
     ap.add_argument("--corpus", choices=["pydoc", "stdlib"], default="pydoc",
                     help="pydoc topics (~465 K characters) or the standard library's Python sources")
     ap.add_argument("--corpus-chars", type=int, default=8_000_000, help="at most this much of the corpus")
@@ -253,7 +255,9 @@ def main() -> None:
     if args.lrs is not None:
         if len(args.lrs) != len(args.methods):
             ap.error("--lrs takes one learning rate per method in --methods")
-        sweep = {m: [lr] for m, lr in zip(args.methods, args.lrs, strict=True)}
+        sweep = {}
+        for m, lr in zip(args.methods, args.lrs, strict=True):  # a method named twice runs at both rates
+            sweep.setdefault(m, []).append(lr)
     if args.quick:
         args.steps, sweep = 12, {"lora": [1e-2], "switchlora_fast": [1e-2]}
     out_path = args.out or (None if args.quick else RESULTS_DIR / "switchlora_scratch.json")
@@ -311,7 +315,8 @@ def main() -> None:
 
     if out_path:
         setup = dict(corpus=args.corpus, corpus_chars=len(train_text) + len(held_text), model=MODEL, vocab=vocab, seq=SEQ, steps=args.steps, batch_size=args.batch_size,
-                     rank=args.rank, lora_alpha=LORA_ALPHA, embed_lr=args.embed_lr, methods=METHODS, sweep=sweep,
+                     rank=args.rank, lora_alpha=LORA_ALPHA, embed_lr=args.embed_lr, warmup=args.warmup, methods=METHODS,
+                     sweep=sweep,
                      train_chunks=len(train), held_out_chunks=len(held), torch=torch.__version__,
                      threads=torch.get_num_threads(), machine=platform.processor() or platform.machine())  # fmt: skip
         write_json(out_path, {"config": setup, "results": results})

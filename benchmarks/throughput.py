@@ -19,7 +19,8 @@ of the model, since the engine wraps its model's linears in place.
 
 MFU = tok/s × 2·params FLOPs per token ÷ this process's best fp32 matmul FLOP/s at 2048³ (MKL or oneDNN) (adapter
 parameters counted for the rows that use them). Each number: the median of --repeats runs, the
-cases interleaved round by round, each timed run right after an untimed one of the same case. Usage: `python benchmarks/throughput.py [--quick] [--backend eager] [--skip-peer]`.
+cases interleaved round by round, each timed run right after an untimed one of the same case. Usage: `python benchmarks/throughput.py [--quick] [--backend eager] [--skip-peer] [--lora-dtype bfloat16]`
+(--lora-dtype: the engine's LoRA pages in bf16, vLLM's `lora_dtype`; the peers keep fp32 adapters).
 """
 
 from __future__ import annotations
@@ -171,7 +172,9 @@ def warmed_engine(base: BaseModel, config: EngineConfig) -> Engine:
     return engine
 
 
-def our_cases(base: BaseModel, backend: str, prompts, new_tokens: int, adapters) -> tuple[dict[str, Case], list]:
+def our_cases(
+    base: BaseModel, backend: str, prompts, new_tokens: int, adapters, lora_dtype: str = "auto"
+) -> tuple[dict[str, Case], list]:
     """(a) base, (b) one adapter for every row, (c) one distinct adapter per row, on our engine in process; (b+m),
     (c+m) with auto-merge. Also returns the list the merges' durations go to."""
     n = len(prompts)
@@ -183,6 +186,7 @@ def our_cases(base: BaseModel, backend: str, prompts, new_tokens: int, adapters)
         lora_pages=len(adapters) + 1,  # one page per rank-16 adapter, plus the zero page
         lora_page_size=16,
         lora_backend=backend,
+        lora_dtype=lora_dtype,
     )
     engine = run_in_thread(warmed_engine, base, config)
     per_row = [registered[i % len(registered)] for i in range(n)]
@@ -249,6 +253,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_server_args(ap)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--lora-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                    help="dtype of the engine's LoRA pages (auto: the model's)")
     ap.add_argument("--prompts", type=int, default=16, help="batch size (one adapter per row in (c))")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3, help="measured runs after the warm-up (median reported)")
@@ -275,7 +281,7 @@ def main() -> None:
     prompts = chat_prompt_ids(base.tokenizer, n)
     model_path = resolve_model_path(args.model, args.cache_dir)
 
-    cases, merge_s = our_cases(base, args.backend, prompts, new_tokens, adapters)
+    cases, merge_s = our_cases(base, args.backend, prompts, new_tokens, adapters, args.lora_dtype)
     with tempfile.TemporaryDirectory(prefix="loraplex-bench-") as tmp:
         if not args.skip_peer:
             cases |= peer_cases(args, model_path, prompts, new_tokens, adapters, Path(tmp))
@@ -301,7 +307,8 @@ def main() -> None:
         "e": (f"(e) PEFT mixed batch, {n} adapters", "c/e"),
     }
     print(
-        f"\n{n} prompts × {new_tokens} new tokens, greedy, {args.dtype}, backend={args.backend}, "
+        f"\n{n} prompts × {new_tokens} new tokens, greedy, {args.dtype} (LoRA pages: {args.lora_dtype}), "
+        f"backend={args.backend}, "
         f"median of {args.repeats}; rank-16 adapters on {', '.join(adapters[0].target_modules)}"
     )
     rows = []
@@ -320,6 +327,7 @@ def main() -> None:
                     "model": args.model or "SmolLM2-135M-Instruct",
                     "dtype": args.dtype,
                     "backend": args.backend,
+                    "lora_dtype": args.lora_dtype,
                     "prompts": n,
                     "new_tokens": new_tokens,
                     "repeats": args.repeats,

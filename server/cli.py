@@ -28,6 +28,12 @@ def serve(
     max_model_len: Annotated[int | None, typer.Option(help="Context length cap.")] = None,
     max_num_seqs: Annotated[int | None, typer.Option(help="Sequences per decode batch.")] = None,
     lora_backend: Annotated[str | None, typer.Option(help="compiled or eager.")] = None,
+    lora_dtype: Annotated[
+        str | None, typer.Option(help="LoRA pool dtype: auto (the model's), float32, bfloat16 or float16.")
+    ] = None,
+    pack_weights: Annotated[
+        bool | None, typer.Option(help="fp32 CPU: a oneDNN-packed copy of the weights (faster, twice the memory).")
+    ] = None,
     log_level: Annotated[str, typer.Option(help="Logging level.")] = "info",
 ) -> None:
     """Serve the OpenAI-compatible API."""

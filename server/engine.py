@@ -56,6 +56,12 @@ class EngineConfig:
     """Decode steps the share is observed over, before merging and before unmerging."""
     lora_backend: str = "compiled"
     """'compiled' (decoder layers compiled by torch.compile, LoRA kernels fused in) or 'eager'."""
+    lora_dtype: str = "auto"
+    """dtype of the LoRA pages: 'auto' (the model's) or float32 / bfloat16 / float16. bf16 pages halve the adapter
+    bytes a decode step reads (vLLM's `lora_dtype`); the arithmetic stays in the model's dtype."""
+    pack_weights: bool = True
+    """fp32 on the CPU: keep a copy of each frozen weight in oneDNN's packed layout (faster decode steps, the
+    weights' memory twice); off, oneDNN reads the plain weights (adapters.dense)."""
 
 
 @dataclass

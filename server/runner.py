@@ -20,7 +20,7 @@ from adapters.pool import LoraPool
 from adapters.registry import Adapter
 from server.kv_cache import ATTN_IMPLEMENTATION, SlotKVCache
 from server.merge import AutoMerger
-from server.model import BaseModel
+from server.model import DTYPES, BaseModel
 
 # what a sequence applies: (adapter, its pool pages, its weight)
 AdapterRows = list[tuple[Adapter, torch.Tensor, float]]
@@ -44,11 +44,18 @@ class ModelRunner:
         self.lm_head = model.get_output_embeddings()
         head_w = self.lm_head.weight
         # on the CPU in fp32, oneDNN on a packed copy of the vocabulary projection (adapters.dense)
-        self._head_packed = pack_weight(head_w) if isinstance(self.lm_head, torch.nn.Linear) and uses_onednn(head_w) else None
+        self._head_onednn = isinstance(self.lm_head, torch.nn.Linear) and uses_onednn(head_w)
+        self._head_packed = pack_weight(head_w) if self._head_onednn and config.pack_weights else None
         if config.lora_backend not in ("compiled", "eager"):
             raise ValueError(f"lora_backend must be 'compiled' or 'eager', not {config.lora_backend!r}")
+        if config.lora_dtype != "auto" and config.lora_dtype not in DTYPES:
+            raise ValueError(f"lora_dtype must be 'auto' or one of {sorted(DTYPES)}, not {config.lora_dtype!r}")
         self.lora_batch = LoraBatch(check_targets=config.lora_backend == "eager")
-        self.layers = inject_multi_lora(model, self.lora_batch, config.lora_pages, config.lora_page_size)
+        lora_dtype = None if config.lora_dtype == "auto" else DTYPES[config.lora_dtype]
+        self.layers = inject_multi_lora(
+            model, self.lora_batch, config.lora_pages, config.lora_page_size, pack=config.pack_weights,
+            lora_dtype=lora_dtype,
+        )  # fmt: skip
         self.pool = LoraPool(self.layers, config.lora_pages, config.lora_page_size, base.device)
         self.merger = (
             AutoMerger(self.layers, self.pool, config.merge_threshold, config.merge_window) if config.auto_merge else None
@@ -122,9 +129,10 @@ class ModelRunner:
         return self._logits(hidden[:, -1])
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self._head_packed is None:
+        if not self._head_onednn:
             return self.lm_head(hidden).float()
-        return onednn_linear(hidden, self._head_packed, self.lm_head.bias).float()
+        weight = self.lm_head.weight if self._head_packed is None else self._head_packed
+        return onednn_linear(hidden, weight, self.lm_head.bias).float()
 
     def _forward_with_lora(self, ids, positions, mask, adapters: list[AdapterRows], per_request: bool) -> torch.Tensor:
         self._set_lora(adapters, per_request)

@@ -60,6 +60,10 @@ class Settings(BaseSettings):
     """Host-memory budget for adapter weights; beyond it the least recently used are re-read from disk."""
     lora_backend: str = "compiled"
     """'compiled' (decoder layers compiled, LoRA kernels fused in) or 'eager'."""
+    lora_dtype: str = "auto"
+    """dtype of the device LoRA pool: auto (the model's), float32, bfloat16 or float16 (half the bytes per step)."""
+    pack_weights: bool = True
+    """fp32 on the CPU: a oneDNN-packed copy of every frozen weight; faster decoding, but the weights' memory twice."""
     auto_merge: bool = True
     """Fold an adapter into the base weights while it serves nearly all running sequences (dLoRA)."""
     merge_threshold: float = Field(0.9, gt=0, le=1)
@@ -91,6 +95,8 @@ class Settings(BaseSettings):
             raise ValueError("lora_backend must be 'compiled' or 'eager'")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError("dtype must be float32, bfloat16 or float16")
+        if self.lora_dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError("lora_dtype must be auto, float32, bfloat16 or float16")
         if self.max_lora_rank > (self.lora_pages - 1) * self.lora_page_size:
             raise ValueError("max_lora_rank must fit in the LoRA pool: max_lora_rank <= (lora_pages - 1) * lora_page_size")
         return self
@@ -107,6 +113,8 @@ class Settings(BaseSettings):
             lora_pages=self.lora_pages,
             lora_page_size=self.lora_page_size,
             lora_backend=self.lora_backend,
+            lora_dtype=self.lora_dtype,
+            pack_weights=self.pack_weights,
             auto_merge=self.auto_merge,
             merge_threshold=self.merge_threshold,
             merge_window=self.merge_window,

@@ -75,8 +75,10 @@ def make_model_dir(arch: str, path: Path, seed: int = 0) -> Path:
 
 
 def make_peft_adapter(model_dir: Path, out: Path, arch: str, *, r: int = 4, alpha: int = 8, seed: int = 1,
-                      targets: list[str] | None = None, scale: float = 0.3, **config) -> Path:
-    """A real PEFT LoRA adapter with random non-zero A and B, saved by `peft` itself."""
+                      targets: list[str] | None = None, scale: float = 0.3, round_to: torch.dtype | None = None,
+                      **config) -> Path:
+    """A real PEFT LoRA adapter with random non-zero A and B, saved by `peft` itself (fp32; with `round_to`, values
+    that dtype represents exactly)."""
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
@@ -88,5 +90,7 @@ def make_peft_adapter(model_dir: Path, out: Path, arch: str, *, r: int = 4, alph
         for name, p in peft_model.named_parameters():
             if "lora_" in name:
                 p.normal_(0, scale)
+                if round_to is not None:
+                    p.copy_(p.to(round_to))
     peft_model.save_pretrained(out)
     return out

@@ -90,3 +90,22 @@ def test_compiled_gathered_matches_reference():
         x = torch.randn(n, 32)
         idx, w = token_map(owned, choice)
         torch.testing.assert_close(compiled(x, a, bt, idx, w), lora_reference(x, a, bt, idx, w), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_narrow_pages_are_widened_as_read(dtype):
+    """Pages stored in bf16 / fp16 (the engine's lora_dtype): every op computes in x's dtype, on the stored values."""
+    a, bt, owned = make_pool(24, 32, 48, [4, 16, 9])
+    a, bt = a.to(dtype), bt.to(dtype)
+    seqs = [[(0, 1.0)], [], [(1, 1.0)], [(2, 0.7), (0, 0.3)]]
+    x = torch.randn(len(seqs) * 3, 32)
+    choice = [c for c in seqs for _ in range(3)]
+    idx, w = token_map(owned, choice)
+    ref = lora_reference(x, a.float(), bt.float(), idx, w)
+    assert ref.dtype == torch.float32
+    torch.testing.assert_close(lora_reference(x, a, bt, idx, w), ref)
+    torch.testing.assert_close(lora_gathered(x, a, bt, idx, w), ref, rtol=1e-4, atol=1e-4)
+    compiled = torch.compile(lora_gathered, dynamic=False)
+    torch.testing.assert_close(compiled(x, a, bt, idx, w), ref, rtol=1e-4, atol=1e-4)
+    per_request_idx, per_request_w = token_map(owned, seqs)
+    torch.testing.assert_close(lora_batched(x, a, bt, per_request_idx, per_request_w), ref, rtol=1e-4, atol=1e-4)

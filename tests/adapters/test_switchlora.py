@@ -80,6 +80,14 @@ def test_init_follows_the_paper(kind):
     assert torch.equal(layer.lora_A, layer.cand_A[c - r :])
     assert torch.equal(layer.lora_B.T, layer.cand_B[c - r :].roll(r // 2, dims=0))
     assert not layer.base_layer.weight.requires_grad and layer.lora_A.requires_grad
+    # W absorbed −scaling·B·A: the wrapped layer starts as the plain one (the authors' layer2lora)
+    torch.manual_seed(0)
+    plain = nn.Linear(24, 16) if kind == "linear" else Conv1D(16, 24)
+    with torch.no_grad():
+        plain.weight.normal_(0, 0.1)
+    x = torch.randn(3, 24)
+    torch.testing.assert_close(layer(x), plain(x), atol=1e-5, rtol=0)
+    assert (layer.scaling * layer.lora_B @ layer.lora_A).abs().max() > 0.05  # and the LoRA term is not zero
     with pytest.raises(ValueError, match="r must be"):
         make_layer(kind, in_features=24, out_features=16, r=17)
 

@@ -240,3 +240,44 @@ def test_many_merge_cycles_leave_no_drift(llama_dir, adapters):
                 torch.testing.assert_close(onednn_linear(x, layer.packed, layer.base_layer.bias), want)
     finally:
         h.engine.stop()
+
+
+def test_unpacked_weights_serve_the_same_tokens(llama_dir, adapters):
+    """pack_weights=False keeps one copy of the weights: oneDNN reads the plain ones, merged or not, with the outputs
+    of HF and of PEFT's merged adapter."""
+    h = Harness(llama_dir, adapters, "compiled", auto_merge=True, merge_threshold=0.75, merge_window=3,
+                pack_weights=False)  # fmt: skip
+    try:
+        layers = h.engine.runner.layers.values()
+        assert all(layer.packed is None for layer in layers) and h.engine.runner._head_packed is None
+        assert all(layer.onednn for layer in layers) == (torch.backends.mkldnn.is_available())
+        plain = AutoModelForCausalLM.from_pretrained(llama_dir).eval()
+        merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(llama_dir), adapters["a"]).merge_and_unload()
+        dominant = [dict(prompt=p, adapters=[("a", 1.0)], min_tokens=10, max_tokens=10) for p in PROMPTS[:4]]
+        for job, out in zip(dominant, h.run(dominant)):  # merges "a" part-way
+            assert out["ids"] == hf_greedy(merged.eval(), h.tok, job["prompt"], 10), job
+        assert h.engine.merger.merges == 1
+        mixed = [dict(prompt=p, min_tokens=10, max_tokens=10) for p in PROMPTS[:3]]
+        for job, out in zip(mixed, h.run(mixed)):
+            assert out["ids"] == hf_greedy(plain, h.tok, job["prompt"], 10), job
+    finally:
+        h.engine.stop()
+
+
+def test_bf16_pages_serve_exactly_the_adapter_they_hold(llama_dir, tmp_path):
+    """lora_dtype=bfloat16 keeps the LoRA pool in bf16. An adapter whose values bf16 holds exactly (and whose scaling
+    is a power of two) is then served as in fp32: the greedy tokens of PEFT's merged model, batched or alone."""
+    exact = make_peft_adapter(llama_dir, tmp_path / "exact", "llama", r=4, alpha=8, seed=21, round_to=torch.bfloat16)
+    h = Harness(llama_dir, {"exact": exact}, "compiled", auto_merge=False, lora_dtype="bfloat16")
+    try:
+        assert all(layer.lora_a.dtype == torch.bfloat16 for layer in h.engine.runner.layers.values())
+        merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(llama_dir), exact).merge_and_unload()
+        plain = AutoModelForCausalLM.from_pretrained(llama_dir).eval()
+        jobs = [dict(prompt=p, adapters=[("exact", 1.0)] if i % 2 == 0 else [], min_tokens=10, max_tokens=10)
+                for i, p in enumerate(PROMPTS)]  # fmt: skip
+        for job, out in zip(jobs, h.run(jobs)):
+            model = merged.eval() if job["adapters"] else plain
+            assert out["ids"] == hf_greedy(model, h.tok, job["prompt"], 10), job
+            assert h.run([job])[0]["ids"] == out["ids"]
+    finally:
+        h.engine.stop()
