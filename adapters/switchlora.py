@@ -48,11 +48,19 @@ from adapters.layers import layer_shape
 _FLOAT64_SVD_NUMEL = 1 << 20
 
 
-def init_bounds(in_features: int, out_features: int, r: int) -> tuple[float, float]:
-    """Uniform bounds of A's and B's candidates (the authors' `get_init_lora_bound`): B·A has a Kaiming-like output
-    scale, and a step on A has the same size as a step on B."""
+INITS = ("switchlora", "lora")
+
+
+def init_bounds(in_features: int, out_features: int, r: int, init: str = "switchlora") -> tuple[float, float]:
+    """Uniform bounds of A's and B's candidates (the authors' `get_init_lora_bound`). "switchlora": B·A has a
+    Kaiming-like output scale, and a step on A has the same size as a step on B; "lora" (their `origin_lora`): A
+    Kaiming-uniform, B zero (the bank of B then fills with trained columns as they are switched out)."""
     m, n = out_features, in_features
     gain = nn.init.calculate_gain("leaky_relu", math.sqrt(5))
+    if init == "lora":
+        return math.sqrt(3) * gain / math.sqrt(n), 0.0
+    if init != "switchlora":
+        raise ValueError(f"init must be one of {INITS}, got {init!r}")
     std_a = ((math.sqrt(m) * r) / n**1.5) ** 0.25 * math.sqrt(gain)
     std_b = (r / math.sqrt(m * n)) ** 0.25 * math.sqrt(gain)
     return math.sqrt(3) * std_a, math.sqrt(3) * std_b
@@ -62,7 +70,7 @@ class SwitchLoraLinear(nn.Module):
     """Wraps a base nn.Linear or transformers Conv1D. base_layer.weight is the TRAINING COPY and is
     mutated in place, at injection and by switches (requires_grad False)."""
 
-    def __init__(self, base_layer: nn.Module, r: int, alpha: float, generator: torch.Generator):
+    def __init__(self, base_layer: nn.Module, r: int, alpha: float, generator: torch.Generator, init: str = "switchlora"):
         super().__init__()
         self.in_features, self.out_features = layer_shape(base_layer)
         self.n_candidates = min(self.in_features, self.out_features)
@@ -72,7 +80,7 @@ class SwitchLoraLinear(nn.Module):
         self.r, self.scaling = r, alpha / r
         self.fan_in_fan_out = isinstance(base_layer, Conv1D)  # weight stored (in, out)
         w = base_layer.weight
-        bound_a, bound_b = init_bounds(self.in_features, self.out_features, r)
+        bound_a, bound_b = init_bounds(self.in_features, self.out_features, r, init)
         bank_a = torch.empty(self.n_candidates, self.in_features).uniform_(-bound_a, bound_a, generator=generator)
         bank_b = torch.empty(self.n_candidates, self.out_features).uniform_(-bound_b, bound_b, generator=generator)
         self.register_buffer("cand_A", bank_a.to(w))  # (C, in)
@@ -121,7 +129,7 @@ class SwitchLoraLinear(nn.Module):
 
 
 def inject_switchlora(
-    model: nn.Module, target_modules: list[str], r: int, alpha: float, seed: int
+    model: nn.Module, target_modules: list[str], r: int, alpha: float, seed: int, init: str = "switchlora"
 ) -> dict[str, SwitchLoraLinear]:
     """Replace every nn.Linear/Conv1D whose leaf name (last dotted component) is in target_modules by a
     SwitchLoraLinear, in place; freeze all other parameters (requires_grad_(False) on the whole model first);
@@ -139,7 +147,7 @@ def inject_switchlora(
     wrapped = {}
     for name, mod in targets:
         parent_name, _, child = name.rpartition(".")
-        wrapped[name] = SwitchLoraLinear(mod, r, alpha, generator)
+        wrapped[name] = SwitchLoraLinear(mod, r, alpha, generator, init)
         setattr(model.get_submodule(parent_name), child, wrapped[name])
     return wrapped
 

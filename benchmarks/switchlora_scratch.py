@@ -29,7 +29,9 @@ learning rate (a sweep of two or three) applies to those layers. Methods:
     paper's schedule (interval0 = 40, ratio = 0.1, 5 warm steps);
   - switchlora_fast: the same with interval0 = 10 (the least 5 warm steps allow) and ratio = 0.5: the paper's
     schedule switches each rank direction ~80 times over its 40 k steps, but under once in a run this short;
-  - switchlora_noswitch: the SwitchLoRA layers, init and optimizer, no switching: what switching itself adds.
+  - switchlora_noswitch: the SwitchLoRA layers, init and optimizer, no switching: what switching itself adds;
+  - switchlora_lorainit: the paper schedule on LoRA's init (A Kaiming-uniform, B and B's bank zero; the authors'
+    `--init_lora_type origin_lora`): switching against plain LoRA with nothing else different.
 LoRA-type runs use α = 1 (scaling 1/r, the scale SwitchLoRA's candidate initialization is designed for, as in the
 authors' code) and rank --rank (32), so LoRA and SwitchLoRA train exactly the same parameters. The table shows every
 run, the best of each method in bold; "train tok/s" counts steps 3..N (evaluations excluded) and "other CPU" is what
@@ -73,6 +75,8 @@ METHODS = {
     "switchlora_fast": dict(label="SwitchLoRA, fast schedule (10, 0.5)", lrs=[1e-2, 2e-2, 4e-2],
                             switch=dict(interval0=10, ratio=0.5, warm_steps=5)),
     "switchlora_noswitch": dict(label="SwitchLoRA init, no switching", lrs=[1e-3, 3e-3]),
+    "switchlora_lorainit": dict(label="SwitchLoRA, LoRA init (B = 0), paper schedule", lrs=[1e-2], switch=PAPER_SWITCH,
+                                init="lora"),
 }  # fmt: skip
 
 
@@ -157,7 +161,8 @@ def prepare(method: str, model, rank: int, lr: float, embed_lr: float, steps: in
         layers = inject_lora(model, list(TARGETS), rank, alpha=LORA_ALPHA, dropout=0.0, seed=SEED)
         groups = [{"params": [p for layer in layers.values() for p in (layer.lora_A, layer.lora_B)]}]
     else:
-        layers = inject_switchlora(model, list(TARGETS), rank, alpha=LORA_ALPHA, seed=SEED)
+        init = METHODS[method].get("init", "switchlora")
+        layers = inject_switchlora(model, list(TARGETS), rank, alpha=LORA_ALPHA, seed=SEED, init=init)
         groups = switchlora_param_groups(layers)
     for p in rest:
         p.requires_grad_(True)  # inject_* froze the whole model

@@ -329,3 +329,29 @@ def test_tiny_llama_trains_with_switching(tiny_models):
     assert all((layer.weight_oi() - w0[name]).abs().max() > 1e-3 for name, layer in layers.items())
     exported, energy = export_switchlora(layers, w0, export_rank=8)
     assert set(exported) == set(layers) and 0 < energy < 1
+
+
+def test_lora_init_starts_at_b_zero_and_still_switches():
+    """init="lora" (the authors' origin_lora): A Kaiming-uniform, B and its bank zero; switching fills B's bank with
+    trained columns and keeps the function."""
+    torch.manual_seed(0)
+    base = nn.Linear(40, 24)
+    w0 = base.weight.detach().clone()
+    layer = SwitchLoraLinear(base, 8, 8, torch.Generator().manual_seed(0), init="lora")
+    assert torch.equal(layer.base_layer.weight, w0)  # B·A = 0: nothing to absorb
+    assert layer.lora_B.abs().max() == 0 and layer.cand_B.abs().max() == 0
+    bound_a, _ = init_bounds(40, 24, 8, "lora")
+    assert 0 < layer.lora_A.abs().max() <= bound_a
+    opt = StepAdamW(switchlora_param_groups({"l": layer}), lr=1e-2)
+    sched = SwitchScheduler({"l": layer}, opt, total_steps=10**6, interval0=2, warm_steps=1)
+    x = torch.randn(16, 40)
+    for t in range(8):
+        layer(x).pow(2).mean().backward()
+        before = layer(x).detach()
+        sched.step(t)
+        torch.testing.assert_close(layer(x), before, atol=1e-5, rtol=0)
+        opt.step()
+        opt.zero_grad()
+    assert layer.cand_B.abs().max() > 0  # trained columns went back into the bank
+    with pytest.raises(ValueError, match="init must be"):
+        init_bounds(40, 24, 8, "orthogonal")
