@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from adapters.switchlora import INITS
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
 METHODS = ("lora", "switchlora")
@@ -83,6 +85,8 @@ class TrainConfig:
     """switchlora: the switching rate falls to 0.3 of its start at this fraction of the steps."""
     switch_warm_steps: int = 5
     """switchlora: steps a switched vector's counterpart stays frozen."""
+    switch_init: str = "switchlora"
+    """switchlora: "switchlora" (the paper's non-zero A and B) or "lora" (the authors' origin_lora: B = 0)."""
     checkpoint_dir: Path | None = None
     """Where checkpoints go; a checkpoint already there is resumed from."""
     checkpoint_every: int = 50
@@ -130,6 +134,8 @@ class TrainConfig:
         if self.method == "switchlora":
             if self.dropout:
                 p.append("dropout is not supported with method 'switchlora'")
+            if self.switch_init not in INITS:
+                p.append(f"switch_init must be one of {list(INITS)}, got {self.switch_init!r}")
             if self.switch_warm_steps < 0 or self.switch_interval < 2 * self.switch_warm_steps:
                 p.append("switch_interval must be >= 2 * switch_warm_steps (and switch_warm_steps >= 0)")
         return p

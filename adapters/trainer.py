@@ -113,7 +113,7 @@ class Trainer:
         else:
             self.base_weights = locate_base_weights(cfg.model, targets)  # fails now rather than after training
             leaves = sorted({name.rsplit(".", 1)[-1] for name in targets})
-            self.layers = inject_switchlora(self.model, leaves, cfg.rank, cfg.alpha, cfg.seed)
+            self.layers = inject_switchlora(self.model, leaves, cfg.rank, cfg.alpha, cfg.seed, cfg.switch_init)
             groups = switchlora_param_groups(self.layers, cfg.weight_decay)
             self.optimizer = StepAdamW(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
             self.switch = SwitchScheduler(

@@ -143,6 +143,7 @@ class Hyperparameters(BaseModel):
     switch_interval: float = Field(40.0, gt=0)
     switch_ratio: float = Field(0.1, gt=0, le=1)
     switch_warm_steps: int = Field(5, ge=0)
+    switch_init: Literal["switchlora", "lora"] = "switchlora"
     checkpoint_every: int = Field(50, ge=1)
 
     @field_validator("n_epochs", "batch_size")

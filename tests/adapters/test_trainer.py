@@ -279,10 +279,11 @@ def test_early_stopping_exports_the_best_adapter(llama_dir, files):
     assert validation_loss(peft_model, val, 4, tok.pad_token_id, CPU) == pytest.approx(result.eval_loss, abs=1e-5)
 
 
-def test_switchlora_trains_switches_and_exports(llama_dir, files):
+@pytest.mark.parametrize("init", ["switchlora", "lora"])
+def test_switchlora_trains_switches_and_exports(llama_dir, files, init):
     events = []
     cfg = config(llama_dir, files, method="switchlora", max_steps=20, learning_rate=2e-2, switch_interval=4,
-                 switch_warm_steps=2, switch_ratio=1.0, export_rank=64)  # fmt: skip
+                 switch_warm_steps=2, switch_ratio=1.0, export_rank=64, switch_init=init)  # fmt: skip
     trainer = Trainer(cfg, events.append)
     base = logits(AutoModelForCausalLM.from_pretrained(llama_dir).eval(), llama_dir)
     torch.testing.assert_close(logits(trainer.model.eval(), llama_dir), base, rtol=0, atol=1e-4)  # starts at the base
@@ -342,6 +343,8 @@ def test_bad_configs_and_files_are_refused(llama_dir, files):
         config(llama_dir, files, method="qlora", rank=0, lr_scheduler="step", early_stopping_patience=0)
     for name in ("method", "rank", "lr_scheduler", "early_stopping_patience"):
         assert name in str(e.value)
+    with pytest.raises(ValueError, match="switch_init"):
+        config(llama_dir, files, method="switchlora", switch_init="orthogonal")
     with pytest.raises(DataError, match="line 2"):
         bad = write_jsonl(files / "bad.jsonl", [{"prompt": "p", "completion": "c"}, {"prompt": "x"}])
         train(config(llama_dir, files, train_file=bad))

@@ -130,6 +130,8 @@ def test_job_creation_reports_every_problem_at_once(http, train_file):
     r = create(http, train_file, "sw", "switchlora", switch_interval=4, switch_warm_steps=5, dropout=0.1)
     assert r.status_code == 400 and "switch_interval" in r.json()["error"]["message"]
     assert "dropout" in r.json()["error"]["message"]
+    r = create(http, train_file, "sw", "switchlora", switch_init="orthogonal")
+    assert r.status_code == 422 and "switch_init" in r.json()["error"]["message"]
     r = create(http, train_file, "typo", learning_rte=0.1)
     assert r.status_code == 422 and "learning_rte" in r.json()["error"]["message"]
     r = http.post("/v1/fine_tuning/jobs", json={"training_file": train_file, "adapter_name": "x", "max_seconds": 1e9})
