@@ -24,7 +24,8 @@ learning rate (a sweep of two or three) applies to those layers. Methods:
   - full: the linear weights trained directly (torch AdamW);
   - lora: `adapters.lora_train.inject_lora`, the trainer's layer (B = 0, A Kaiming-uniform), the random base
     weights frozen (torch AdamW);
-  - switchlora: `adapters.switchlora` as the trainer uses it: `inject_switchlora` (non-zero candidate init),
+  - switchlora: `adapters.switchlora` as the trainer uses it: `inject_switchlora` (the paper's non-zero A and B,
+    with W absorbing −s·B·A at injection as in the authors' code, so every method starts from the same function),
     `StepAdamW` (per-vector steps), `SwitchScheduler` called after clipping and before the optimizer step, with the
     paper's schedule (interval0 = 40, ratio = 0.1, 5 warm steps);
   - switchlora_fast: the same with interval0 = 10 (the least 5 warm steps allow) and ratio = 0.5: the paper's
