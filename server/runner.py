@@ -33,6 +33,11 @@ def _bucket(n: int) -> int:
 
 class ModelRunner:
     def __init__(self, base: BaseModel, config) -> None:  # config: server.engine.EngineConfig
+        # refused before anything is changed or allocated
+        if config.lora_backend not in ("compiled", "eager"):
+            raise ValueError(f"lora_backend must be 'compiled' or 'eager', not {config.lora_backend!r}")
+        if config.lora_dtype != "auto" and config.lora_dtype not in DTYPES:
+            raise ValueError(f"lora_dtype must be 'auto' or one of {sorted(DTYPES)}, not {config.lora_dtype!r}")
         self.config = config
         self.max_len = min(config.max_model_len, base.max_model_len)
         self.device = base.device
@@ -46,10 +51,6 @@ class ModelRunner:
         # on the CPU in fp32, oneDNN on a packed copy of the vocabulary projection (adapters.dense)
         self._head_onednn = isinstance(self.lm_head, torch.nn.Linear) and uses_onednn(head_w)
         self._head_packed = pack_weight(head_w) if self._head_onednn and config.pack_weights else None
-        if config.lora_backend not in ("compiled", "eager"):
-            raise ValueError(f"lora_backend must be 'compiled' or 'eager', not {config.lora_backend!r}")
-        if config.lora_dtype != "auto" and config.lora_dtype not in DTYPES:
-            raise ValueError(f"lora_dtype must be 'auto' or one of {sorted(DTYPES)}, not {config.lora_dtype!r}")
         self.lora_batch = LoraBatch(check_targets=config.lora_backend == "eager")
         lora_dtype = None if config.lora_dtype == "auto" else DTYPES[config.lora_dtype]
         self.layers = inject_multi_lora(
