@@ -62,6 +62,9 @@ class EngineConfig:
     pack_weights: bool = True
     """fp32 on the CPU: keep a copy of each frozen weight in oneDNN's packed layout (faster decode steps, the
     weights' memory twice); off, oneDNN reads the plain weights (adapters.dense)."""
+    keep_freed_memory: bool = True
+    """On the CPU: glibc keeps freed memory for reuse instead of handing it back to the OS, so a forward's temporaries
+    land on resident pages rather than faulting fresh ones in (process-wide; adapters.memory)."""
 
 
 @dataclass

@@ -16,6 +16,7 @@ import torch
 
 from adapters.dense import onednn_linear, pack_weight, uses_onednn
 from adapters.layers import LoraBatch, inject_multi_lora, layer_shape
+from adapters.memory import keep_freed_memory
 from adapters.pool import LoraPool
 from adapters.registry import Adapter
 from server.kv_cache import ATTN_IMPLEMENTATION, SlotKVCache
@@ -39,6 +40,8 @@ class ModelRunner:
         if config.lora_dtype != "auto" and config.lora_dtype not in DTYPES:
             raise ValueError(f"lora_dtype must be 'auto' or one of {sorted(DTYPES)}, not {config.lora_dtype!r}")
         self.config = config
+        if config.keep_freed_memory and base.device.type == "cpu":
+            keep_freed_memory()  # a forward's temporaries on resident pages (adapters.memory)
         self.max_len = min(config.max_model_len, base.max_model_len)
         self.device = base.device
         model = base.model

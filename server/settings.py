@@ -64,6 +64,8 @@ class Settings(BaseSettings):
     """dtype of the device LoRA pool: auto (the model's), float32, bfloat16 or float16 (half the bytes per step)."""
     pack_weights: bool = True
     """fp32 on the CPU: a oneDNN-packed copy of every frozen weight; faster decoding, but the weights' memory twice."""
+    keep_freed_memory: bool = True
+    """On the CPU, freed memory stays in the process for reuse (faster forwards; the resident set keeps its peak)."""
     auto_merge: bool = True
     """Fold an adapter into the base weights while it serves nearly all running sequences (dLoRA)."""
     merge_threshold: float = Field(0.9, gt=0, le=1)
@@ -115,6 +117,7 @@ class Settings(BaseSettings):
             lora_backend=self.lora_backend,
             lora_dtype=self.lora_dtype,
             pack_weights=self.pack_weights,
+            keep_freed_memory=self.keep_freed_memory,
             auto_merge=self.auto_merge,
             merge_threshold=self.merge_threshold,
             merge_window=self.merge_window,

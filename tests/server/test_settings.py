@@ -11,13 +11,15 @@ from server.settings import Settings
 def test_environment_reaches_the_engine_config(monkeypatch, tmp_path):
     monkeypatch.setenv("LORAPLEX_LORA_DTYPE", "bfloat16")
     monkeypatch.setenv("LORAPLEX_PACK_WEIGHTS", "false")
+    monkeypatch.setenv("LORAPLEX_KEEP_FREED_MEMORY", "0")
     monkeypatch.setenv("LORAPLEX_MAX_NUM_SEQS", "5")
     config = Settings(data_dir=tmp_path).engine_config()
-    assert (config.lora_dtype, config.pack_weights, config.max_num_seqs) == ("bfloat16", False, 5)
-    monkeypatch.delenv("LORAPLEX_LORA_DTYPE")
-    monkeypatch.delenv("LORAPLEX_PACK_WEIGHTS")
+    assert (config.lora_dtype, config.pack_weights, config.keep_freed_memory, config.max_num_seqs) == (
+        "bfloat16", False, False, 5)  # fmt: skip
+    for key in ("LORAPLEX_LORA_DTYPE", "LORAPLEX_PACK_WEIGHTS", "LORAPLEX_KEEP_FREED_MEMORY"):
+        monkeypatch.delenv(key)
     defaults = Settings(data_dir=tmp_path).engine_config()
-    assert (defaults.lora_dtype, defaults.pack_weights) == ("auto", True)
+    assert (defaults.lora_dtype, defaults.pack_weights, defaults.keep_freed_memory) == ("auto", True, True)
 
 
 @pytest.mark.parametrize(("key", "value"), [("lora_dtype", "int8"), ("dtype", "float64"), ("lora_backend", "cuda")])
