@@ -12,13 +12,16 @@ each activation is a fresh mapping whose pages fault in. So there are two polici
     (the trainer applies it with gradient checkpointing);
   - `trim_freed_memory()`, `malloc_trim(0)` between optimizer steps: the heap's free pages go back to
     the OS once a step (2,361 MiB above, at the dynamic threshold's speed); the trainer's default.
-Serving wants the opposite: `keep_freed_memory()`, the threshold fixed at glibc's largest (32 MiB) and
-trimming off, so a forward pass's temporaries reuse pages that are already resident. With the defaults a
-prefill of 16 prompts through 16 adapters on the default model faults in ~130 k fresh pages (~520 MB, each
-zeroed by the kernel) as freed heap tops are trimmed and mmapped blocks come and go; with this policy, none
-after warm-up, and the prefill's LoRA share drops by a third to a half (benchmarks/RESULTS.md). The cost: the
-resident set keeps its peak of temporaries (allocations of 32 MiB and more are still mapped and unmapped).
-The engine applies it on the CPU (`EngineConfig.keep_freed_memory`); training runs in worker processes of its own.
+Serving wants the opposite: `keep_freed_memory()`, the threshold fixed at glibc's largest (32 MiB), trimming
+off, and one arena for all threads, so that a forward pass's temporaries reuse pages that are already resident.
+(A thread's own arena lives in 64 MiB heaps that glibc unmaps whenever one empties, whatever the trim threshold:
+an engine thread whose temporaries come and go would fault them in again.) With the defaults a prefill of 16
+prompts through 16 adapters on the default model faulted in ~130 k fresh pages (~520 MB, each zeroed by the
+kernel), and every automatic merge (~850 MB of new weights) its 55-210 k; with this policy, none after warm-up
+(benchmarks/RESULTS.md). The cost: the resident set keeps its peak of temporaries (allocations of 32 MiB and
+more are still mapped and unmapped). A thread that already has an arena keeps it, so the server applies this at
+start (`server.app.create_app`), before any thread; the engine applies it too on the CPU
+(`EngineConfig.keep_freed_memory`). Training runs in worker processes of its own.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import ctypes.util
 import functools
 import sys
 
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8  # glibc's mallopt parameter numbers
 MMAP_THRESHOLD = 128 * 1024  # glibc's initial value, kept
 MMAP_THRESHOLD_MAX = 32 * 2**20  # the largest glibc accepts on 64-bit (HEAP_MAX_SIZE / 2)
 NEVER_TRIM = 2**31 - 1  # mallopt takes an int: a free heap top this large is never reached
@@ -58,7 +61,8 @@ def trim_freed_memory() -> bool:
 
 
 def keep_freed_memory() -> bool:
-    """Serve allocations below 32 MiB from the heap and never trim it (see the module docstring); False where
-    that is not glibc (then nothing changes)."""
+    """Serve allocations below 32 MiB from one heap for all threads and never trim it (see the module docstring);
+    False where that is not glibc (then nothing changes)."""
     libc = _glibc()
-    return bool(libc and libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX) and libc.mallopt(M_TRIM_THRESHOLD, NEVER_TRIM))
+    settings = ((M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX), (M_TRIM_THRESHOLD, NEVER_TRIM), (M_ARENA_MAX, 1))
+    return bool(libc) and all(libc.mallopt(param, value) for param, value in settings)

@@ -19,8 +19,12 @@ of the model, since the engine wraps its model's linears in place.
 
 MFU = tok/s × 2·params FLOPs per token ÷ this process's best fp32 matmul FLOP/s at 2048³ (MKL or oneDNN) (adapter
 parameters counted for the rows that use them). Each number: the median of --repeats runs, the
-cases interleaved round by round, each timed run right after an untimed one of the same case. Usage: `python benchmarks/throughput.py [--quick] [--backend eager] [--skip-peer] [--lora-dtype bfloat16]`
-(--lora-dtype: the engine's LoRA pages in bf16, vLLM's `lora_dtype`; the peers keep fp32 adapters).
+cases interleaved round by round, each timed run right after an untimed one of the same case. Each ratio twice:
+the ratio of two medians, and paired, the median over rounds of the ratio within a round (robust to this machine's
+drift). Usage: `python benchmarks/throughput.py [--quick] [--backend eager] [--skip-peer] [--lora-dtype bfloat16]`
+(--lora-dtype: the engine's LoRA pages in bf16, vLLM's `lora_dtype`; the peers keep fp32 adapters). `--prompts 64
+--adapters 16` measures a larger batch over the same 16 adapters, 4 rows each: what adapters cost is their bytes, read
+once per step however many rows use them.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/throughput.py` from anywhere
 
 from adapters.dense import onednn_linear  # noqa: E402
+from adapters.memory import keep_freed_memory  # noqa: E402
 from adapters.registry import Adapter, AdapterRegistry  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     RESULTS_DIR,
@@ -175,8 +180,8 @@ def warmed_engine(base: BaseModel, config: EngineConfig) -> Engine:
 def our_cases(
     base: BaseModel, backend: str, prompts, new_tokens: int, adapters, lora_dtype: str = "auto"
 ) -> tuple[dict[str, Case], list]:
-    """(a) base, (b) one adapter for every row, (c) one distinct adapter per row, on our engine in process; (b+m),
-    (c+m) with auto-merge. Also returns the list the merges' durations go to."""
+    """(a) base, (b) one adapter for every row, (c) row i on adapter i mod len(adapters), on our engine in process;
+    (b+m), (c+m) with auto-merge. Also returns the list the merges' durations go to."""
     n = len(prompts)
     registry = AdapterRegistry()
     registered = [registry.add(adapter_name(i), w) for i, w in enumerate(adapters)]
@@ -217,8 +222,8 @@ def our_cases(
         "a": case("(a) engine, base", [None] * n, False),
         "b": case("(b) engine, 1 adapter", registered[:1] * n, False),
         "bm": case("(b+m) engine, 1 adapter, auto-merge", registered[:1] * n, True),
-        "c": case(f"(c) engine, {n} adapters", per_row, False),
-        "cm": case(f"(c+m) engine, {n} adapters, auto-merge on", per_row, True),
+        "c": case(f"(c) engine, {len(adapters)} adapters", per_row, False),
+        "cm": case(f"(c+m) engine, {len(adapters)} adapters, auto-merge on", per_row, True),
     }, merge_s
 
 
@@ -255,7 +260,9 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--lora-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                     help="dtype of the engine's LoRA pages (auto: the model's)")
-    ap.add_argument("--prompts", type=int, default=16, help="batch size (one adapter per row in (c))")
+    ap.add_argument("--prompts", type=int, default=16, help="batch size")
+    ap.add_argument("--adapters", type=int, default=None,
+                    help="distinct adapters in (c), row i on adapter i mod N (default: one per row)")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3, help="measured runs after the warm-up (median reported)")
     ap.add_argument("--skip-peer", action="store_true", help="skip (d) transformers and (e) PEFT")
@@ -266,7 +273,11 @@ def main() -> None:
         args.prompts, args.new_tokens, args.repeats = 4, 8, 1
     out_path = args.out or (None if args.quick else RESULTS_DIR / "throughput.json")
     n, new_tokens = args.prompts, args.new_tokens
+    n_adapters = args.adapters or n
+    if not 1 <= n_adapters <= n:
+        ap.error("--adapters must be between 1 and --prompts")
 
+    keep_freed_memory()  # as the server does at start, before any thread (adapters.memory); the peers share it
     # torch work runs in threads that end with it, as in the server (see server/threads.py), so that the engine
     # thread's OpenMP team is the only one alive while it runs; each peer run is in a thread of its own too
     rates = run_in_thread(matmul_gflops)
@@ -276,7 +287,7 @@ def main() -> None:
 
     base = run_in_thread(load_base_model, args.model, cache_dir=args.cache_dir, dtype=args.dtype)
     params = sum(p.numel() for p in base.model.parameters())
-    adapters = run_in_thread(make_random_adapters, target_shapes(base.model), n)
+    adapters = run_in_thread(make_random_adapters, target_shapes(base.model), n_adapters)
     adapter_params = sum(m.lora_a.numel() + m.lora_b.numel() for m in adapters[0].modules.values())
     prompts = chat_prompt_ids(base.tokenizer, n)
     model_path = resolve_model_path(args.model, args.cache_dir)
@@ -292,8 +303,16 @@ def main() -> None:
     def ratio(x: str, y: str) -> float | None:
         return results[x]["median"] / results[y]["median"] if x in results and y in results else None
 
-    ratios = {"c/a": ratio("c", "a"), "b/a": ratio("b", "a"), "c/e": ratio("c", "e"), "a/d": ratio("a", "d"),
-              "bm/a": ratio("bm", "a"), "cm/c": ratio("cm", "c")}
+    def paired(x: str, y: str) -> float | None:
+        """The median over rounds of x ÷ y within a round: the two ran a minute apart at most, so drift cancels."""
+        if x not in results or y not in results:
+            return None
+        return statistics.median(vx / vy for vx, vy in zip(results[x]["runs"], results[y]["runs"], strict=True))
+
+    pairs = {"c/a": ("c", "a"), "b/a": ("b", "a"), "c/e": ("c", "e"), "a/d": ("a", "d"), "bm/a": ("bm", "a"),
+             "cm/c": ("cm", "c")}
+    ratios = {k: ratio(x, y) for k, (x, y) in pairs.items()}
+    paired_ratios = {k: paired(x, y) for k, (x, y) in pairs.items()}
     flops_per_token = {k: 2 * (params + (adapter_params if k in ("b", "bm", "c", "cm", "e") else 0)) for k in results}
     mfu = {k: results[k]["median"] * flops_per_token[k] / (gflops * 1e9) for k in results}
 
@@ -301,22 +320,24 @@ def main() -> None:
         "a": ("(a) engine, base", "—"),
         "b": ("(b) engine, 1 adapter for all rows", "b/a"),
         "bm": ("(b+m) the same, auto-merge on", "bm/a"),
-        "c": (f"(c) engine, {n} distinct adapters", "c/a"),
+        "c": (f"(c) engine, {n_adapters} distinct adapters", "c/a"),
         "cm": ("(c+m) the same, auto-merge on", "cm/c"),
         "d": ("(d) transformers generate, base", "a/d"),
-        "e": (f"(e) PEFT mixed batch, {n} adapters", "c/e"),
+        "e": (f"(e) PEFT mixed batch, {n_adapters} adapters", "c/e"),
     }
     print(
-        f"\n{n} prompts × {new_tokens} new tokens, greedy, {args.dtype} (LoRA pages: {args.lora_dtype}), "
+        f"\n{n} prompts × {new_tokens} new tokens, {n_adapters} adapters in (c), greedy, {args.dtype} (LoRA pages: {args.lora_dtype}), "
         f"backend={args.backend}, "
         f"median of {args.repeats}; rank-16 adapters on {', '.join(adapters[0].target_modules)}"
     )
     rows = []
     for k, (what, r) in labels.items():
         if k in results:
-            value = ratios.get(r)
-            rows.append([what, results[k]["median"], f"{mfu[k]:.1%}", r, "—" if value is None else value])
-    print_table(["what", "tok/s", "MFU", "ratio", "value"], rows)
+            value, pair = ratios.get(r), paired_ratios.get(r)
+            rows.append([what, results[k]["median"], f"{mfu[k]:.1%}", r, "—" if value is None else value,
+                         "—" if pair is None else pair])  # fmt: skip
+    print_table(["what", "tok/s", "MFU", "ratio", "value", "paired"], rows)
+    print("value: the ratio of the medians; paired: the median of the ratios within each round")
     print(f"{matmul_line}; {params / 1e6:.1f} M params, {adapter_params / 1e6:.2f} M per adapter")
 
     if out_path:
@@ -329,6 +350,7 @@ def main() -> None:
                     "backend": args.backend,
                     "lora_dtype": args.lora_dtype,
                     "prompts": n,
+                    "adapters": n_adapters,
                     "new_tokens": new_tokens,
                     "repeats": args.repeats,
                     "rank": 16,
@@ -342,6 +364,7 @@ def main() -> None:
                 "adapter_params": adapter_params,
                 "tok_per_s": results,
                 "ratios": ratios,
+                "paired_ratios": paired_ratios,
                 "mfu": mfu,
                 "merge_s": merge_s,
             },

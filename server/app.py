@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from fastapi import FastAPI
 
+from adapters.memory import keep_freed_memory
 from adapters.names import is_valid_name
 from adapters.peft_io import AdapterError, describe_peft_adapter, load_peft_adapter
 from adapters.registry import AdapterExists, AdapterRegistry
@@ -120,6 +121,8 @@ def start_engine(state: AppState) -> None:
 
 
 def create_app(settings: Settings) -> FastAPI:
+    if settings.keep_freed_memory:
+        keep_freed_memory()  # before any thread allocates: one arena for all (adapters.memory)
     state = AppState(
         settings=settings,
         store=AdapterStore(settings.data_dir / "adapters"),
