@@ -7,7 +7,7 @@ training step nearly every activation comes from the heap, whose freed pages sta
 fragment as the next step's tensors differ in size. Measured on the default model (LoRA, gradient
 checkpointing, batch 8 × 155 tokens): peak RSS 3,130 MiB with the dynamic threshold, 1,150 MiB with
 it fixed at 128 KiB (mallopt, the same as MALLOC_MMAP_THRESHOLD_=131072), but every step ~60 % slower:
-each activation is a fresh mapping whose pages fault in. So there are two policies:
+each activation is a fresh mapping whose pages fault in. So training has two policies:
   - `return_freed_memory()`, the fixed threshold: the least memory, for runs that trade speed for it
     (the trainer applies it with gradient checkpointing);
   - `trim_freed_memory()`, `malloc_trim(0)` between optimizer steps: the heap's free pages go back to

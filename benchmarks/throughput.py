@@ -23,8 +23,8 @@ cases interleaved round by round, each timed run right after an untimed one of t
 the ratio of two medians, and paired, the median over rounds of the ratio within a round (robust to this machine's
 drift). Usage: `python benchmarks/throughput.py [--quick] [--backend eager] [--skip-peer] [--lora-dtype bfloat16]`
 (--lora-dtype: the engine's LoRA pages in bf16, vLLM's `lora_dtype`; the peers keep fp32 adapters). `--prompts 64
---adapters 16` measures a larger batch over the same 16 adapters, 4 rows each: what adapters cost is their bytes, read
-once per step however many rows use them.
+--adapters 16` measures a larger batch over the same 16 adapters, 4 rows each (as many adapter bytes per step, more
+rows to spread them over).
 """
 
 from __future__ import annotations
