@@ -16,8 +16,9 @@ Which layers use it is decided once, when the engine or the trainer wraps them (
 The engine's frozen weights go one step further: `pack_weight` reorders each once into oneDNN's
 blocked layout (what inductor's freezing does for a constant weight), and `onednn_linear` takes that
 in place of the weight (inference only: a packed weight has no gradient). A decode step streams every
-weight from memory; measured here over 30 layers' worth at 16 rows: MKL 48-60 ms, oneDNN on the plain weights 32 ms, on packed weights 22-26 ms. The packed copy
-costs the weights' size again in memory, and must be made anew when a weight changes (a merge).
+weight from memory; measured here over 30 layers' worth at 16 rows: MKL 48-60 ms, oneDNN on the plain
+weights 32 ms, on packed weights 22-26 ms. The packed copy costs the weights' size again in memory, and
+must be made anew when a weight changes (a merge).
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from server.engine import EngineConfig
+from server.model import DTYPES
 
 
 class Settings(BaseSettings):
@@ -96,9 +97,9 @@ class Settings(BaseSettings):
     def _check(self) -> Settings:
         if self.lora_backend not in ("compiled", "eager"):
             raise ValueError("lora_backend must be 'compiled' or 'eager'")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
+        if self.dtype not in DTYPES:
             raise ValueError("dtype must be float32, bfloat16 or float16")
-        if self.lora_dtype not in ("auto", "float32", "bfloat16", "float16"):
+        if self.lora_dtype != "auto" and self.lora_dtype not in DTYPES:
             raise ValueError("lora_dtype must be auto, float32, bfloat16 or float16")
         if self.max_lora_rank > (self.lora_pages - 1) * self.lora_page_size:
             raise ValueError("max_lora_rank must fit in the LoRA pool: max_lora_rank <= (lora_pages - 1) * lora_page_size")
