@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from adapters.dense import onednn_linear, pack_weight, uses_onednn
+from adapters.dense import linear_for, onednn_linear, pack_weight, uses_onednn
 from adapters.ops import lora_batched, lora_gathered
 
 
@@ -24,8 +24,8 @@ class LoraBatch:
 
     `idx` (R, K) and `weights` (R, K, G) as in adapters.ops, with one row per token (decode:
     `per_request` False) or one row per request whose tokens are consecutive runs of equal length
-    (prefill: `per_request` True). It holds tensors, not callables, so a compiled forward sees
-    the same code every step.
+    (prefill: `per_request` True; a single row when every request uses the same pages). It holds
+    tensors, not callables, so a compiled forward sees the same code every step.
     """
 
     def __init__(self, check_targets: bool = True) -> None:
@@ -77,6 +77,8 @@ class MultiLoraLinear(nn.Module):
         # no state of the model. Conv1D keeps its addmm.
         self.onednn = isinstance(base_layer, nn.Linear) and uses_onednn(w)
         self.packed = pack_weight(w) if self.onednn and pack else None
+        # the plain GEMMs of the LoRA term (a prefill on one set of pages), in the activations' dtype: the weight's
+        self.lora_linear = linear_for(w)
 
     def repack(self) -> None:
         """Pack the base weight anew after it changed (a merge); a no-op for layers without a packed copy."""
@@ -92,8 +94,10 @@ class MultiLoraLinear(nn.Module):
         if b.idx is None or (b.check_targets and self.adapters.isdisjoint(b.adapters)):
             return y
         x2 = x.reshape(-1, self.in_features)  # (N, in) — N tokens flattened across the batch
-        op = lora_batched if b.per_request else lora_gathered
-        delta = op(x2, self.lora_a, self.lora_bt, b.idx, b.weights)
+        if b.per_request:
+            delta = lora_batched(x2, self.lora_a, self.lora_bt, b.idx, b.weights, self.lora_linear)
+        else:
+            delta = lora_gathered(x2, self.lora_a, self.lora_bt, b.idx, b.weights)
         return y + delta.view(y.shape).to(y.dtype)
 
     def write_rows(self, key: int, rows: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> None:

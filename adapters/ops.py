@@ -25,6 +25,7 @@ which is `lora_reference` with one page set of A rows, Bᵀ rows times `scaling`
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def lora_reference(
@@ -55,18 +56,28 @@ def lora_gathered(
 
 
 def lora_batched(
-    x: torch.Tensor, lora_a: torch.Tensor, lora_bt: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_bt: torch.Tensor,
+    idx: torch.Tensor,
+    weights: torch.Tensor,
+    linear=F.linear,
 ) -> torch.Tensor:
     """Tokens in n equal runs of T, each run one request with its own pages (prefill): one BGEMM pair.
 
-    idx (n, K) and weights (n, K, G) are per request; x is (n·T, in). Each request's pages are
-    gathered once (K·G rows, not once per token) and two batched matmuls do the rest. The same
-    value as `lora_gathered` with every request's row repeated T times.
+    idx (n, K) and weights (n, K, G) are per run; x is (n·T, in). Each run's pages are gathered
+    once (K·G rows, not once per token) and two batched matmuls do the rest. The same value as
+    `lora_gathered` with every run's row repeated T times. A single run (one request, or a whole
+    prefill on the same pages) is two plain GEMMs through `linear` (F.linear, or the CPU's
+    `adapters.dense.onednn_linear`, 2-3× MKL's batched kernel at these narrow shapes).
     """
     n = idx.shape[0]
     a = lora_a[idx].flatten(1, 2).to(x.dtype)  # (n, K·G, in)
     bt = lora_bt[idx].flatten(1, 2).to(x.dtype)  # (n, K·G, out)
-    xa = torch.bmm(x.view(n, -1, x.shape[1]), a.transpose(1, 2)) * weights.flatten(1)[:, None, :]  # (n, T, K·G)
+    w = weights.flatten(1)  # (n, K·G)
+    if n == 1:
+        return linear(linear(x, a[0], None) * w, bt[0].T, None)
+    xa = torch.bmm(x.view(n, -1, x.shape[1]), a.transpose(1, 2)) * w[:, None, :]  # (n, T, K·G)
     return torch.bmm(xa, bt).flatten(0, 1)
 
 

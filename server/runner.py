@@ -32,6 +32,12 @@ def _bucket(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+def _all_equal(rows: list[list[tuple[torch.Tensor, float]]]) -> bool:
+    """Whether every sequence applies the same pages with the same weights."""
+    keys = {tuple((tuple(pages.tolist()), w) for pages, w in r) for r in rows}
+    return len(keys) == 1
+
+
 class ModelRunner:
     def __init__(self, base: BaseModel, config) -> None:  # config: server.engine.EngineConfig
         # refused before anything is changed or allocated
@@ -94,19 +100,25 @@ class ModelRunner:
         with torch.inference_mode():
             for pages in (None, 1, 2):
                 for n, t, kv in sizes:
-                    if t > 1:
-                        self.cache.prepare_prefill(0, n, t)
-                    else:
-                        self.cache.prepare_decode(torch.full((n,), kv - 1, dtype=torch.long, device=self.device), kv)
-                    if pages:  # page 0 is zero: a LoRA term that adds nothing
-                        idx = torch.zeros(n, pages, dtype=torch.long, device=self.device)
-                        w = torch.zeros(n, pages, self.pool.page_size, dtype=self.dtype, device=self.device)
-                        self.lora_batch.set(idx, w, frozenset(), per_request=t > 1)
-                    ids = torch.full((n, t), self.pad_id, dtype=torch.long, device=self.device)
-                    pos = torch.arange(kv - t, kv, device=self.device)[None].repeat(n, 1)
-                    mask = torch.ones(n, 1, t, kv, dtype=torch.bool, device=self.device).tril(kv - t)
-                    self._forward(ids, pos, mask)
-                    self.lora_batch.clear()
+                    # a prefill of several prompts on the same pages is one run of LoRA rows (see _set_lora)
+                    for runs in {n, 1} if pages and t > 1 else {n}:
+                        self._warm(n, t, kv, pages, runs)
+
+    def _warm(self, n: int, t: int, kv: int, pages: int | None, runs: int) -> None:
+        """One forward of n sequences of t new tokens each, attending to kv, with `pages` zero LoRA pages per run."""
+        if t > 1:
+            self.cache.prepare_prefill(0, n, t)
+        else:
+            self.cache.prepare_decode(torch.full((n,), kv - 1, dtype=torch.long, device=self.device), kv)
+        if pages:  # page 0 is zero: a LoRA term that adds nothing
+            idx = torch.zeros(runs, pages, dtype=torch.long, device=self.device)
+            w = torch.zeros(runs, pages, self.pool.page_size, dtype=self.dtype, device=self.device)
+            self.lora_batch.set(idx, w, frozenset(), per_request=t > 1)
+        ids = torch.full((n, t), self.pad_id, dtype=torch.long, device=self.device)
+        pos = torch.arange(kv - t, kv, device=self.device)[None].repeat(n, 1)
+        mask = torch.ones(n, 1, t, kv, dtype=torch.bool, device=self.device).tril(kv - t)
+        self._forward(ids, pos, mask)
+        self.lora_batch.clear()
 
     def prefill(self, row0: int, prompts: list[list[int]], adapters: list[AdapterRows]) -> torch.Tensor:
         """Prompts into cache rows row0.. (right-padded); returns (n, vocab) float32 last-token logits."""
@@ -151,6 +163,8 @@ class ModelRunner:
         rows = [m.corrected(a) if m else [(p, w) for _, p, w in a] for a in adapters]
         if not any(rows):
             return  # base rows only (or only the merged adapter's): no LoRA term at all
+        if per_request and len(rows) > 1 and _all_equal(rows):
+            rows = rows[:1]  # every prompt on the same pages: one run of all their tokens (two plain GEMMs)
         k = _bucket(max(sum(p.shape[0] for p, _ in r) for r in rows))
         idx = torch.zeros(len(rows), k, dtype=torch.long, device=self.device)
         w = torch.zeros(len(rows), k, self.pool.page_size, dtype=self.dtype, device=self.device)

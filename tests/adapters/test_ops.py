@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from adapters.dense import onednn_linear
 from adapters.ops import lora_batched, lora_gathered, lora_reference
 
 G = 8  # rows per page in these tests
@@ -80,6 +82,20 @@ def test_batched_prefill_matches_reference():
     ref = lora_reference(x, a, bt, idx, w)
     per_request_idx, per_request_w = token_map(owned, seqs)
     torch.testing.assert_close(lora_batched(x, a, bt, per_request_idx, per_request_w), ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("linear", [F.linear, onednn_linear], ids=["torch", "onednn"])
+@pytest.mark.parametrize("seqs", [[[(1, 1.0)]] * 4, [[(2, 0.7), (0, 0.3)]] * 2, [[(0, 1.0)]]], ids=["one", "composed", "alone"])
+def test_one_run_of_shared_pages_matches_reference(linear, seqs):
+    """A prefill whose requests all use the same pages is one run: two plain GEMMs through `linear`."""
+    a, bt, owned = make_pool(16, 16, 12, [4, 12, 8])
+    t = 5
+    x = torch.randn(len(seqs) * t, 16)
+    idx, w = token_map(owned, [c for c in seqs for _ in range(t)])
+    ref = lora_reference(x, a, bt, idx, w)
+    assert ref.abs().max() > 0
+    run_idx, run_w = token_map(owned, seqs[:1])
+    torch.testing.assert_close(lora_batched(x, a, bt, run_idx, run_w, linear), ref, rtol=1e-4, atol=1e-4)
 
 
 def test_compiled_gathered_matches_reference():

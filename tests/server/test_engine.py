@@ -281,3 +281,33 @@ def test_bf16_pages_serve_exactly_the_adapter_they_hold(llama_dir, tmp_path):
             assert h.run([job])[0]["ids"] == out["ids"]
     finally:
         h.engine.stop()
+
+
+@pytest.mark.parametrize("backend", ["eager", "compiled"])
+def test_prompts_on_one_adapter_prefill_as_one_run(llama_dir, adapters, backend):
+    """A prefill whose prompts all use the same adapter gives its layers one run of LoRA rows (two plain GEMMs over
+    every token): each prompt's logits are those it gets alone, and the compiled graphs warmed up for it."""
+    h = Harness(llama_dir, adapters, backend, auto_merge=False)
+    try:
+        h.engine.stop()  # drive the runner by hand, from this thread
+        runner = h.engine.runner
+        adapter = h.registry.get("a")
+        rows = [(adapter, h.engine.pool.acquire(adapter, adapter.weights), 1.0)]
+        prompts = [h.tok(p)["input_ids"] for p in PROMPTS[:4]]
+        runs = []
+        set_rows = runner.lora_batch.set
+        runner.lora_batch.set = lambda idx, *a: runs.append(idx.shape[0]) or set_rows(idx, *a)
+        compiles = dict(torch._dynamo.utils.counters["frames"])
+        with torch.inference_mode():
+            together = runner.prefill(0, prompts, [rows] * 4)
+            mixed = runner.prefill(0, prompts, [rows, [], rows, rows])
+            alone = [runner.prefill(0, [p], [rows]) for p in prompts]
+            no_lora = runner.prefill(0, prompts, [[]] * 4)
+        assert runs == [1, 4, 1, 1, 1, 1]
+        torch.testing.assert_close(together, torch.cat(alone), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(mixed[[0, 2, 3]], together[[0, 2, 3]], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(mixed[1], no_lora[1], rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(together, no_lora, atol=1e-3)  # the adapter does change them
+        assert dict(torch._dynamo.utils.counters["frames"]) == compiles
+    finally:
+        h.engine.stop()
