@@ -6,7 +6,9 @@ the LoRA pool), then runs one decode step over every running sequence, whatever 
 uses: the multi-LoRA layers add each token's own LoRA term inside the same batched matmuls
 (vLLM's continuous batching with per-token adapter indices; S-LoRA's unified pool). Finished or
 aborted sequences leave at once and their row is refilled by the last one, so the running
-batch always occupies rows 0..n-1 of the cache.
+batch always occupies rows 0..n-1 of the cache. A prompt longer than `prefill_chunk` is prefilled
+a chunk per iteration in the cache's last row while the others keep decoding (vLLM's chunked
+prefill), then joins them.
 
 The forward passes themselves are the ModelRunner's; outputs go back through each request's
 `emit` callback, called from the engine thread.
@@ -44,6 +46,10 @@ class EngineConfig:
     """Prompt plus output tokens of one sequence at most."""
     max_prefill_tokens: int = 4096
     """Padded prompt tokens admitted in one prefill at most (one longer prompt still goes alone)."""
+    prefill_chunk: int = 512
+    """A prompt longer than this is prefilled this many tokens per engine step, the running batch decoding between
+    its chunks (vLLM's chunked prefill; one such prompt at a time, in the last KV-cache row); 0: in one forward.
+    At least 3 when on."""
     lora_pages: int = 64
     """Pages in the device LoRA pool, shared by all resident adapters (a rank-16 adapter takes one)."""
     lora_page_size: int = 16
@@ -143,6 +149,7 @@ class Engine:
         self._drop_retired = False
         self._waiting: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []
+        self._partial: _Sequence | None = None  # a long prompt being prefilled chunk by chunk (_prefill_chunk)
         self._thread: threading.Thread | None = None
         self._stop = False
         self.alive = False
@@ -190,7 +197,7 @@ class Engine:
 
     @property
     def num_running(self) -> int:
-        return len(self._running)
+        return len(self._running) + (self._partial is not None)
 
     def start(self) -> None:
         self._stop = False
@@ -212,12 +219,13 @@ class Engine:
 
     def _loop(self) -> None:
         self.alive = True
+        self.runner.enter_thread()
         try:
             with torch.inference_mode():
                 while True:
                     with self._wake:
                         while not (self._stop or self._incoming or self._aborts or self._waiting or self._running
-                                   or self._drop_retired):
+                                   or self._partial or self._drop_retired):
                             self._wake.wait()
                         if self._stop:
                             break
@@ -235,7 +243,7 @@ class Engine:
                     try:
                         if aborts:
                             self._apply_aborts(aborts)
-                        if self._waiting or self._running:
+                        if self._waiting or self._running or self._partial:
                             self._step()
                     except Exception as e:  # no request without an answer
                         log.exception("engine step failed")
@@ -262,31 +270,45 @@ class Engine:
         for seq in finished:
             self._finish(seq, "abort")
         self._compact(finished)
+        if self._partial is not None and self._partial.req.request_id in ids:
+            self._finish(self._partial, "abort")
+            self._partial = None
 
     def _step(self) -> None:
         new = self._admit()
         if new:
             self._prefill(new)
+        if self._partial is not None:
+            self._prefill_chunk()
         if self._running:
             self._decode()
 
     def _admit(self) -> list[_Sequence]:
+        """Waiting sequences for this step's prefill, in order; a prompt longer than `prefill_chunk` becomes the
+        partial sequence instead, prefilled in the last cache row (the others then have one row fewer)."""
         new: list[_Sequence] = []
         longest = 0
-        while self._waiting and len(self._running) + len(new) < self.config.max_num_seqs:
+        chunk = self.config.prefill_chunk
+        while self._waiting and len(self._running) + len(new) < self.config.max_num_seqs - (self._partial is not None):
             seq = self._waiting[0]
             n = len(seq.req.prompt_ids)
-            if new and max(longest, n) * (len(new) + 1) > self.config.max_prefill_tokens:
+            long = 0 < chunk < n
+            if long and self._partial is not None:
+                break  # one chunked prompt at a time, in arrival order
+            if not long and new and max(longest, n) * (len(new) + 1) > self.config.max_prefill_tokens:
                 break
             try:
                 self._acquire_adapters(seq)
             except PoolFull as e:
-                if self._running or new:
+                if self._running or new or self._partial:
                     break  # rows come free as running sequences finish
                 self._waiting.popleft()
                 self._finish(seq, "error", error=str(e))
                 continue
             self._waiting.popleft()
+            if long:
+                self._partial = seq
+                continue
             longest = max(longest, n)
             new.append(seq)
         return new
@@ -321,6 +343,24 @@ class Engine:
             s.num_cached = len(s.req.prompt_ids)
             self.prompt_tokens += s.num_cached
         self._sample_and_emit(new, logits)
+
+    def _prefill_chunk(self) -> None:
+        """The partial sequence's next `prefill_chunk` prompt tokens; after the last, it joins the running batch."""
+        s, row = self._partial, self.config.max_num_seqs - 1
+        left, take = len(s.req.prompt_ids) - s.num_cached, self.config.prefill_chunk
+        if left - take == 1:
+            take -= 1  # no chunk of one token: it would look like a decode step (another compiled graph)
+        ids = s.req.prompt_ids[s.num_cached : s.num_cached + take]
+        logits = self.runner.prefill_chunk(row, ids, s.num_cached, _adapter_rows(s))
+        s.num_cached += len(ids)
+        if s.num_cached < len(s.req.prompt_ids):
+            return
+        self._partial = None
+        if len(self._running) != row:
+            self.runner.cache.move_row(row, len(self._running), s.num_cached)
+        self._running.append(s)
+        self.prompt_tokens += s.num_cached
+        self._sample_and_emit([s], logits)
 
     def _decode(self) -> None:
         seqs = list(self._running)
@@ -394,6 +434,9 @@ class Engine:
 
     def _fail_running(self, message: str, reason: str = "error") -> None:
         running, self._running = self._running, []
+        if self._partial is not None:
+            running.append(self._partial)
+            self._partial = None
         for seq in running:
             self._finish(seq, reason, error=message)
         self.runner.lora_batch.clear()

@@ -29,10 +29,12 @@ class SlotKVCache:
         self.max_seqs, self.max_len = max_seqs, max_len
         self.dtype, self.device = dtype, device
         self.modules: list[torch.nn.Module] = []
-        # the next forward covers cache `rows`: from position 0 (prefill, positions None) or one
-        # token each at `positions` (decode, rows 0..n-1); decode attends to kv_len positions
+        # the next forward covers cache `rows`: from position 0 (prefill, positions None), or t tokens each at
+        # `positions` (n, t) of rows row0..row0+n-1 (decode: t = 1, rows 0..n-1; a chunk of a long prompt: n = 1),
+        # attending to their first kv_len positions
         self.positions: torch.Tensor | None = None
         self.rows: torch.Tensor | None = None
+        self.row0 = 0
         self.kv_len = 0
 
     def attach(self, attention: torch.nn.Module, kv_heads: int, head_dim: int) -> None:
@@ -49,8 +51,13 @@ class SlotKVCache:
 
     def prepare_decode(self, positions: torch.Tensor, kv_len: int) -> None:
         """Next forward: rows 0..len(positions)-1, one token each, at `positions`."""
-        self.positions, self.kv_len = positions, kv_len
-        self.rows = torch.arange(positions.shape[0], device=positions.device)
+        self.prepare_extend(0, positions[:, None], kv_len)
+
+    def prepare_extend(self, row0: int, positions: torch.Tensor, kv_len: int) -> None:
+        """Next forward: rows row0..row0+n-1 whose caches hold their earlier tokens, t more each at `positions`
+        (n, t), attending to positions [0, kv_len)."""
+        self.positions, self.kv_len, self.row0 = positions, kv_len, row0
+        self.rows = torch.arange(row0, row0 + positions.shape[0], device=positions.device)
 
     def update(self, key_states, value_states, *args, **kwargs):
         return key_states, value_states  # slot_attention writes them into the module's buffers
@@ -74,11 +81,11 @@ def slot_attention(module, query, key, value, attention_mask, scaling=None, drop
         kb[c.rows, :, :t] = key
         vb[c.rows, :, :t] = value
         k, v = key, value
-    else:
+    else:  # (n, heads, t, dim) into rows × positions, then attend to each row's prefix (a view, not a copy)
         n = query.shape[0]
-        kb[c.rows, :, c.positions] = key[:, :, 0]
-        vb[c.rows, :, c.positions] = value[:, :, 0]
-        k, v = kb[:n, :, : c.kv_len], vb[:n, :, : c.kv_len]
+        kb[c.rows[:, None], :, c.positions] = key.transpose(1, 2)
+        vb[c.rows[:, None], :, c.positions] = value.transpose(1, 2)
+        k, v = kb[c.row0 : c.row0 + n, :, : c.kv_len], vb[c.row0 : c.row0 + n, :, : c.kv_len]
     out = F.scaled_dot_product_attention(
         query, k, v, attn_mask=attention_mask, scale=scaling, enable_gqa=k.shape[1] != query.shape[1]
     )

@@ -45,6 +45,8 @@ class ModelRunner:
             raise ValueError(f"lora_backend must be 'compiled' or 'eager', not {config.lora_backend!r}")
         if config.lora_dtype != "auto" and config.lora_dtype not in DTYPES:
             raise ValueError(f"lora_dtype must be 'auto' or one of {sorted(DTYPES)}, not {config.lora_dtype!r}")
+        if config.prefill_chunk in (1, 2) or config.prefill_chunk < 0:
+            raise ValueError(f"prefill_chunk must be 0 (off) or at least 3, not {config.prefill_chunk}")
         self.config = config
         if config.keep_freed_memory and base.device.type == "cpu":
             keep_freed_memory()  # a forward's temporaries on resident pages (adapters.memory)
@@ -77,7 +79,7 @@ class ModelRunner:
             if hasattr(m, "layer_idx") and hasattr(m, "head_dim"):  # the attention modules
                 self.cache.attach(m, kv_heads, m.head_dim)
         if config.lora_backend == "compiled":
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+            self.enter_thread()
             blocks = set(getattr(model, "_no_split_modules", None) or ())
             for m in model.modules():
                 if type(m).__name__ in blocks:
@@ -86,6 +88,11 @@ class ModelRunner:
                     m.compile(dynamic=None, options={"guard_filter_fn": torch.compiler.skip_guard_on_inbuilt_nn_modules_unsafe})
         tok = base.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+
+    def enter_thread(self) -> None:
+        """Ready the calling thread to run (and, for a shape the warm-up missed, compile) the compiled forwards:
+        torch's dynamo config is per thread, and its default recompile limit (8) is below the warm-up's graph count."""
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
 
     def layer_shapes(self) -> dict[str, tuple[int, int]]:
         """{module path: (in, out)} of every adaptable layer, for validating adapters."""
@@ -103,19 +110,25 @@ class ModelRunner:
                     # a prefill of several prompts on the same pages is one run of LoRA rows (see _set_lora)
                     for runs in {n, 1} if pages and t > 1 else {n}:
                         self._warm(n, t, kv, pages, runs)
+                if self.config.prefill_chunk:  # later chunks of a long prompt, in the last row (see prefill_chunk)
+                    for t, kv in ((3, 7), (5, 11)):
+                        self._warm(1, t, kv, pages, 1, row0=self.config.max_num_seqs - 1)
 
-    def _warm(self, n: int, t: int, kv: int, pages: int | None, runs: int) -> None:
-        """One forward of n sequences of t new tokens each, attending to kv, with `pages` zero LoRA pages per run."""
-        if t > 1:
+    def _warm(self, n: int, t: int, kv: int, pages: int | None, runs: int, row0: int | None = None) -> None:
+        """One forward of n sequences of t new tokens each, attending to kv, with `pages` zero LoRA pages per run
+        (t > 1: a prefill, or with `row0` a chunk after kv - t cached tokens; t = 1: a decode step)."""
+        pos = torch.arange(kv - t, kv, device=self.device)[None].repeat(n, 1)
+        if row0 is not None:
+            self.cache.prepare_extend(row0, pos, kv)
+        elif t > 1:
             self.cache.prepare_prefill(0, n, t)
         else:
-            self.cache.prepare_decode(torch.full((n,), kv - 1, dtype=torch.long, device=self.device), kv)
+            self.cache.prepare_decode(pos[:, 0], kv)
         if pages:  # page 0 is zero: a LoRA term that adds nothing
             idx = torch.zeros(runs, pages, dtype=torch.long, device=self.device)
             w = torch.zeros(runs, pages, self.pool.page_size, dtype=self.dtype, device=self.device)
             self.lora_batch.set(idx, w, frozenset(), per_request=t > 1)
         ids = torch.full((n, t), self.pad_id, dtype=torch.long, device=self.device)
-        pos = torch.arange(kv - t, kv, device=self.device)[None].repeat(n, 1)
         mask = torch.ones(n, 1, t, kv, dtype=torch.bool, device=self.device).tril(kv - t)
         self._forward(ids, pos, mask)
         self.lora_batch.clear()
@@ -133,6 +146,19 @@ class ModelRunner:
         hidden = self._forward_with_lora(ids.to(self.device), positions, mask, adapters, per_request=True)
         last = hidden[torch.arange(n, device=self.device), torch.tensor(lens, device=self.device) - 1]
         return self._logits(last)
+
+    def prefill_chunk(self, row: int, ids: list[int], start: int, adapters: AdapterRows) -> torch.Tensor:
+        """The prompt tokens at positions start.. of the sequence in cache row `row`, whose first `start` tokens are
+        cached (vLLM's chunked prefill); returns (1, vocab) float32 logits of the last one."""
+        if start == 0:
+            return self.prefill(row, [ids], [adapters])
+        kv_len = start + len(ids)
+        pos = torch.arange(start, kv_len, device=self.device)[None]  # (1, t)
+        mask = (torch.arange(kv_len, device=self.device)[None] <= pos[0, :, None])[None, None]  # (1, 1, t, kv_len)
+        self.cache.prepare_extend(row, pos, kv_len)
+        tokens = torch.tensor([ids], dtype=torch.long, device=self.device)
+        hidden = self._forward_with_lora(tokens, pos, mask, [adapters], per_request=True)
+        return self._logits(hidden[:, -1])
 
     def decode(self, tokens: list[int], positions: list[int], adapters: list[AdapterRows]) -> torch.Tensor:
         """One token for each of cache rows 0..B-1 at `positions`; returns (B, vocab) float32 logits."""

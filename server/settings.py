@@ -45,6 +45,8 @@ class Settings(BaseSettings):
     """Sequences decoded together at most."""
     max_prefill_tokens: int = Field(4096, ge=16)
     """Padded prompt tokens admitted in one prefill at most."""
+    prefill_chunk: int = Field(512, ge=0)
+    """A longer prompt is prefilled this many tokens per engine step, decoding the others in between (0: at once)."""
     max_waiting: int = Field(1024, ge=1)
     """Requests queued beyond the running batch before new ones get 503."""
     lora_pages: int = Field(128, ge=2)
@@ -103,6 +105,8 @@ class Settings(BaseSettings):
             raise ValueError("lora_dtype must be auto, float32, bfloat16 or float16")
         if self.max_lora_rank > (self.lora_pages - 1) * self.lora_page_size:
             raise ValueError("max_lora_rank must fit in the LoRA pool: max_lora_rank <= (lora_pages - 1) * lora_page_size")
+        if self.prefill_chunk in (1, 2):
+            raise ValueError("prefill_chunk must be 0 (off) or at least 3")
         return self
 
     @property
@@ -114,6 +118,7 @@ class Settings(BaseSettings):
             max_num_seqs=self.max_num_seqs,
             max_model_len=self.max_model_len,
             max_prefill_tokens=self.max_prefill_tokens,
+            prefill_chunk=self.prefill_chunk,
             lora_pages=self.lora_pages,
             lora_page_size=self.lora_page_size,
             lora_backend=self.lora_backend,

@@ -311,3 +311,62 @@ def test_prompts_on_one_adapter_prefill_as_one_run(llama_dir, adapters, backend)
         assert dict(torch._dynamo.utils.counters["frames"]) == compiles
     finally:
         h.engine.stop()
+
+
+LONG = " ".join(PROMPTS)  # ~30 tokens of the tiny tokenizer: chunks of 8
+
+
+@pytest.mark.parametrize("backend", ["eager", "compiled"])
+def test_long_prompts_prefill_in_chunks_while_others_decode(llama_dir, adapters, backend):
+    """A prompt longer than prefill_chunk is prefilled a chunk per engine step in the last cache row, the running
+    sequences decoding in between; every output is HF's / merged PEFT's greedy one and nothing compiles anew."""
+    h = Harness(llama_dir, adapters, backend, max_num_seqs=3, auto_merge=False, prefill_chunk=8)
+    try:
+        runner, events = h.engine.runner, []
+        for name in ("prefill", "prefill_chunk", "decode"):
+            def spy(*a, _f=getattr(runner, name), _name=name):
+                events.append(_name)
+                return _f(*a)
+            setattr(runner, name, spy)
+        compiles = dict(torch._dynamo.utils.counters["frames"])
+        jobs = [dict(prompt=PROMPTS[0], max_tokens=24, min_tokens=24), dict(prompt=LONG, adapters=[("a", 1.0)]),
+                dict(prompt=LONG + " and more", max_tokens=6), dict(prompt=PROMPTS[1], adapters=[("b", 1.0)])]
+        assert len(h.tok(LONG)["input_ids"]) > 3 * 8
+        outs = h.run([dict(j, min_tokens=j.get("max_tokens", 10), max_tokens=j.get("max_tokens", 10)) for j in jobs])
+        plain = AutoModelForCausalLM.from_pretrained(llama_dir).eval()
+        merged = {n: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(llama_dir), d).merge_and_unload()
+                  for n, d in adapters.items()}  # fmt: skip
+        for job, out in zip(jobs, outs):
+            model = merged[job["adapters"][0][0]].eval() if job.get("adapters") else plain
+            assert out["ids"] == hf_greedy(model, h.tok, job["prompt"], len(out["ids"])), job
+        # each long prompt went chunk by chunk (the first chunk a plain prefill), with decode steps in between
+        chunks = [i for i, e in enumerate(events) if e == "prefill_chunk"]
+        assert len(chunks) >= 2 * 3
+        assert any(events[i + 1] == "decode" and events[i + 2] == "prefill_chunk" for i in chunks[:-2])
+        assert h.engine.num_running == 0 and h.engine._partial is None
+        if backend == "compiled":
+            assert dict(torch._dynamo.utils.counters["frames"]) == compiles
+    finally:
+        h.engine.stop()
+
+
+def test_aborting_a_chunked_prompt_frees_its_row(llama_dir, adapters):
+    h = Harness(llama_dir, adapters, "eager", max_num_seqs=2, auto_merge=False, prefill_chunk=8)
+    try:
+        h.engine.stop()  # drive the engine's steps by hand, from this thread
+        eng, got = h.engine, []
+        req = GenerationRequest("long", h.tok(LONG)["input_ids"], SamplingParams(max_tokens=4), got.append,
+                                [AdapterUse(h.registry.get("a"))])  # fmt: skip
+        with torch.inference_mode():
+            eng._enqueue(req)
+            eng._step()
+            assert eng._partial is not None and eng.num_running == 1 and eng.pool._resident
+            eng._apply_aborts({"long"})
+        assert eng._partial is None and eng.num_running == 0 and got[-1].finish_reason == "abort"
+        assert all(r.users == 0 for r in eng.pool._resident.values())
+        h.engine.start()
+        assert h.run([dict(prompt=LONG, max_tokens=3, min_tokens=3)])[0]["ids"] == hf_greedy(
+            AutoModelForCausalLM.from_pretrained(llama_dir).eval(), h.tok, LONG, 3
+        )
+    finally:
+        h.engine.stop()

@@ -13,16 +13,19 @@ def test_environment_reaches_the_engine_config(monkeypatch, tmp_path):
     monkeypatch.setenv("LORAPLEX_PACK_WEIGHTS", "false")
     monkeypatch.setenv("LORAPLEX_KEEP_FREED_MEMORY", "0")
     monkeypatch.setenv("LORAPLEX_MAX_NUM_SEQS", "5")
+    monkeypatch.setenv("LORAPLEX_PREFILL_CHUNK", "0")
     config = Settings(data_dir=tmp_path).engine_config()
     assert (config.lora_dtype, config.pack_weights, config.keep_freed_memory, config.max_num_seqs) == (
         "bfloat16", False, False, 5)  # fmt: skip
-    for key in ("LORAPLEX_LORA_DTYPE", "LORAPLEX_PACK_WEIGHTS", "LORAPLEX_KEEP_FREED_MEMORY"):
+    assert config.prefill_chunk == 0
+    for key in ("LORAPLEX_LORA_DTYPE", "LORAPLEX_PACK_WEIGHTS", "LORAPLEX_KEEP_FREED_MEMORY", "LORAPLEX_PREFILL_CHUNK"):
         monkeypatch.delenv(key)
     defaults = Settings(data_dir=tmp_path).engine_config()
     assert (defaults.lora_dtype, defaults.pack_weights, defaults.keep_freed_memory) == ("auto", True, True)
+    assert defaults.prefill_chunk == 512
 
 
-@pytest.mark.parametrize(("key", "value"), [("lora_dtype", "int8"), ("dtype", "float64"), ("lora_backend", "cuda")])
+@pytest.mark.parametrize(("key", "value"), [("lora_dtype", "int8"), ("dtype", "float64"), ("lora_backend", "cuda"), ("prefill_chunk", 2), ("prefill_chunk", -1)])
 def test_bad_values_are_refused(tmp_path, key, value):
     with pytest.raises(ValidationError, match=key):
         Settings(data_dir=tmp_path, **{key: value})
