@@ -30,6 +30,7 @@ lint: install
 bench: install
 	$(PY) benchmarks/throughput.py
 	$(PY) benchmarks/http_load.py
+	$(PY) benchmarks/chunked_prefill.py
 	$(PY) benchmarks/rotation.py
 	$(PY) benchmarks/upload_latency.py
 
