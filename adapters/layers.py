@@ -16,6 +16,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from adapters.dense import linear_for, onednn_linear, pack_weight, uses_onednn
+from adapters.memory import lazy_zeros
 from adapters.ops import lora_batched, lora_gathered
 
 
@@ -68,8 +69,8 @@ class MultiLoraLinear(nn.Module):
         w = base_layer.weight
         # the pages in `lora_dtype` (default: the weight's), widened to the activations' dtype as they are read
         shape, dtype = (pages, page_size), lora_dtype or w.dtype
-        self.register_buffer("lora_a", torch.zeros(*shape, self.in_features, dtype=dtype, device=w.device))
-        self.register_buffer("lora_bt", torch.zeros(*shape, self.out_features, dtype=dtype, device=w.device))
+        self.register_buffer("lora_a", lazy_zeros((*shape, self.in_features), dtype, w.device))
+        self.register_buffer("lora_bt", lazy_zeros((*shape, self.out_features), dtype, w.device))
         # adapter keys with rows in this layer: a batch naming none of them skips the LoRA term
         self.adapters: set[int] = set()
         # fp32 nn.Linear on the CPU: oneDNN's kernels rather than MKL's (adapters.dense), on a packed copy of the

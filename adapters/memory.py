@@ -22,6 +22,11 @@ kernel), and every automatic merge (~850 MB of new weights) its 55-210 k; with t
 more are still mapped and unmapped). A thread that already has an arena keeps it, so the server applies this at
 start (`server.app.create_app`), before any thread; the engine applies it too on the CPU
 (`EngineConfig.keep_freed_memory`). Training runs in worker processes of its own.
+
+Large buffers that start at zero and fill as they are used (the KV cache, the LoRA page pool) come from
+`lazy_zeros`: on the CPU `torch.zeros` writes every byte at once (the default engine's 3 GiB KV cache and 1-2 GiB of
+pages: ~6 s at start, all resident from then on), where calloc gets the kernel's zero pages, mapped in as they are
+first written.
 """
 
 from __future__ import annotations
@@ -29,7 +34,11 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import math
 import sys
+
+import numpy as np
+import torch
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8  # glibc's mallopt parameter numbers
 MMAP_THRESHOLD = 128 * 1024  # glibc's initial value, kept
@@ -66,3 +75,18 @@ def keep_freed_memory() -> bool:
     libc = _glibc()
     settings = ((M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX), (M_TRIM_THRESHOLD, NEVER_TRIM), (M_ARENA_MAX, 1))
     return bool(libc) and all(libc.mallopt(param, value) for param, value in settings)
+
+
+ALIGNMENT = 64  # bytes, as PyTorch's CPU allocator gives: no vector load of a row straddles two cache lines
+
+
+def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """`torch.zeros(shape, dtype=dtype, device=device)`; on the CPU from calloc (numpy's zeros, as bytes: numpy has
+    no bf16, and zero bits are zero in any dtype), so that pages cost memory and time only once written (see the
+    module docstring)."""
+    if torch.device(device).type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    raw = np.zeros(nbytes + ALIGNMENT, dtype=np.uint8)  # calloc aligns to 16 bytes only
+    start = -raw.ctypes.data % ALIGNMENT
+    return torch.from_numpy(raw[start : start + nbytes]).view(dtype).view(shape)

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
+from adapters.memory import lazy_zeros
+
 ATTN_IMPLEMENTATION = "loraplex_slots"
 
 
@@ -39,8 +41,9 @@ class SlotKVCache:
 
     def attach(self, attention: torch.nn.Module, kv_heads: int, head_dim: int) -> None:
         shape = (self.max_seqs, kv_heads, self.max_len, head_dim)
-        attention.register_buffer("loraplex_k", torch.zeros(shape, dtype=self.dtype, device=self.device), persistent=False)
-        attention.register_buffer("loraplex_v", torch.zeros(shape, dtype=self.dtype, device=self.device), persistent=False)
+        # zeros that take memory as sequences fill them (adapters.memory): most rows stay short
+        attention.register_buffer("loraplex_k", lazy_zeros(shape, self.dtype, self.device), persistent=False)
+        attention.register_buffer("loraplex_v", lazy_zeros(shape, self.dtype, self.device), persistent=False)
         attention.loraplex_cache = self
         self.modules.append(attention)
 

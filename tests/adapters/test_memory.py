@@ -8,6 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from adapters.memory import ALIGNMENT, lazy_zeros
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -75,3 +78,35 @@ def test_freed_tensors_leave_the_resident_set():
 def test_kept_memory_is_reused_without_faulting_pages_in():
     assert run(REUSE, "fixed") > 100  # ~180 MiB of fresh pages per pass
     assert run(REUSE, "keep") < 5  # none, or a few stray pages (without one arena: 30-40 MiB)
+
+
+# 256 MiB of zeros, then a write to its first 8 MiB: the resident growth after each, in MiB.
+LAZY = """
+import sys, torch
+from adapters.memory import lazy_zeros
+def rss():
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS")) / 1024
+before = rss()
+t = (torch.zeros if sys.argv[1] == "torch" else lambda *s: lazy_zeros(s, torch.float32, "cpu"))(64, 2**20)
+allocated = rss() - before
+t[:2] = 1.0
+print(allocated, rss() - before)
+"""
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.bool])
+def test_lazy_zeros_are_zeros(dtype):
+    t = lazy_zeros((3, 5, 7), dtype, "cpu")
+    assert (t.shape, t.dtype, t.is_contiguous()) == ((3, 5, 7), dtype, True)
+    assert t.data_ptr() % ALIGNMENT == 0 and not t.any()
+    t[1, 2] = 1  # writable, and its own memory
+    assert t.sum().item() == 7 and not lazy_zeros((3, 5, 7), dtype, "cpu").any()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc")
+def test_lazy_zeros_take_memory_as_they_are_written():
+    out = subprocess.run([sys.executable, "-c", LAZY, "lazy"], cwd=REPO, capture_output=True, text=True, check=True)
+    allocated, written = map(float, out.stdout.split())
+    assert allocated < 8 and 6 < written < 24  # torch.zeros: 256 MiB at once
+    out = subprocess.run([sys.executable, "-c", LAZY, "torch"], cwd=REPO, capture_output=True, text=True, check=True)
+    assert float(out.stdout.split()[0]) > 200
