@@ -52,13 +52,9 @@ class SlotKVCache:
         self.positions, self.kv_len = None, length
         self.rows = torch.arange(row0, row0 + n, device=self.device)
 
-    def prepare_decode(self, positions: torch.Tensor, kv_len: int) -> None:
-        """Next forward: rows 0..len(positions)-1, one token each, at `positions`."""
-        self.prepare_extend(0, positions[:, None], kv_len)
-
     def prepare_extend(self, row0: int, positions: torch.Tensor, kv_len: int) -> None:
         """Next forward: rows row0..row0+n-1 whose caches hold their earlier tokens, t more each at `positions`
-        (n, t), attending to positions [0, kv_len)."""
+        (n, t), attending to positions [0, kv_len) (a decode step: rows 0..n-1, t = 1)."""
         self.positions, self.kv_len, self.row0 = positions, kv_len, row0
         self.rows = torch.arange(row0, row0 + positions.shape[0], device=positions.device)
 

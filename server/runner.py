@@ -118,12 +118,10 @@ class ModelRunner:
         """One forward of n sequences of t new tokens each, attending to kv, with `pages` zero LoRA pages per run
         (t > 1: a prefill, or with `row0` a chunk after kv - t cached tokens; t = 1: a decode step)."""
         pos = torch.arange(kv - t, kv, device=self.device)[None].repeat(n, 1)
-        if row0 is not None:
-            self.cache.prepare_extend(row0, pos, kv)
-        elif t > 1:
+        if t > 1 and row0 is None:
             self.cache.prepare_prefill(0, n, t)
         else:
-            self.cache.prepare_decode(pos[:, 0], kv)
+            self.cache.prepare_extend(row0 or 0, pos, kv)
         if pages:  # page 0 is zero: a LoRA term that adds nothing
             idx = torch.zeros(runs, pages, dtype=torch.long, device=self.device)
             w = torch.zeros(runs, pages, self.pool.page_size, dtype=self.dtype, device=self.device)
@@ -152,22 +150,22 @@ class ModelRunner:
         cached (vLLM's chunked prefill); returns (1, vocab) float32 logits of the last one."""
         if start == 0:
             return self.prefill(row, [ids], [adapters])
-        kv_len = start + len(ids)
-        pos = torch.arange(start, kv_len, device=self.device)[None]  # (1, t)
-        mask = (torch.arange(kv_len, device=self.device)[None] <= pos[0, :, None])[None, None]  # (1, 1, t, kv_len)
-        self.cache.prepare_extend(row, pos, kv_len)
-        tokens = torch.tensor([ids], dtype=torch.long, device=self.device)
-        hidden = self._forward_with_lora(tokens, pos, mask, [adapters], per_request=True)
-        return self._logits(hidden[:, -1])
+        pos = torch.arange(start, start + len(ids), device=self.device)[None]  # (1, t)
+        return self._extend(row, [ids], pos, start + len(ids), [adapters], per_request=True)
 
     def decode(self, tokens: list[int], positions: list[int], adapters: list[AdapterRows]) -> torch.Tensor:
         """One token for each of cache rows 0..B-1 at `positions`; returns (B, vocab) float32 logits."""
-        ids = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]
-        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
-        kv_len = max(positions) + 1
-        mask = (torch.arange(kv_len, device=self.device)[None] <= pos[:, None])[:, None, None, :]
-        self.cache.prepare_decode(pos, kv_len)
-        hidden = self._forward_with_lora(ids, pos[:, None], mask, adapters, per_request=False)
+        pos = torch.tensor(positions, dtype=torch.long, device=self.device)[:, None]  # (B, 1)
+        return self._extend(0, [[t] for t in tokens], pos, max(positions) + 1, adapters, per_request=False)
+
+    def _extend(self, row0: int, ids: list[list[int]], pos: torch.Tensor, kv_len: int, adapters: list[AdapterRows],
+                per_request: bool) -> torch.Tensor:  # fmt: skip
+        """Tokens `ids` at positions `pos` (n, t) of cache rows row0..row0+n-1, each attending to its cached earlier
+        tokens and its own up to its position; returns (n, vocab) float32 logits of each row's last token."""
+        mask = (torch.arange(kv_len, device=self.device) <= pos[:, :, None])[:, None]  # (n, 1, t, kv_len)
+        self.cache.prepare_extend(row0, pos, kv_len)
+        tokens = torch.tensor(ids, dtype=torch.long, device=self.device)
+        hidden = self._forward_with_lora(tokens, pos, mask, adapters, per_request)
         return self._logits(hidden[:, -1])
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
