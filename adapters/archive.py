@@ -1,4 +1,4 @@
-"""Safe extraction of an uploaded adapter archive (.zip or .tar.gz).
+"""Adapter archives: safe extraction of an uploaded one (.zip or .tar.gz), and packing one for download.
 
 Only the two PEFT files are accepted, as regular files at the archive's top level (or inside a
 single top-level folder). Everything else is refused before a byte is written: absolute paths,
@@ -8,6 +8,7 @@ sizes are checked while streaming, not trusted from the headers).
 
 from __future__ import annotations
 
+import io
 import tarfile
 import zipfile
 import zlib
@@ -104,3 +105,12 @@ def _check_complete(names: list[str], problems: list[str]) -> None:
             problems.append(f"the archive holds {f} more than once")
     if problems:
         raise AdapterError(problems)
+
+
+def pack_adapter_archive(directory: Path, name: str) -> bytes:
+    """The two PEFT files of `directory` as a .tar.gz, inside a top-level folder `name` (what extraction takes)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for f in (CONFIG_NAME, WEIGHTS_NAME):
+            tar.add(directory / f, arcname=f"{name}/{f}")
+    return buf.getvalue()

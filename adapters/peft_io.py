@@ -38,13 +38,13 @@ class AdapterError(ValueError):
 class LoraModule:
     """One adapted module: A (r, in), B (out, r) and its scale."""
 
-    lora_a: torch.Tensor
-    lora_b: torch.Tensor
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
     scaling: float
 
     @property
     def rank(self) -> int:
-        return self.lora_a.shape[0]
+        return self.lora_A.shape[0]
 
 
 @dataclass
@@ -68,7 +68,7 @@ class LoraWeights:
 
     @property
     def nbytes(self) -> int:
-        return sum(m.lora_a.nbytes + m.lora_b.nbytes for m in self.modules.values())
+        return sum(m.lora_A.nbytes + m.lora_B.nbytes for m in self.modules.values())
 
 
 def _pattern_value(patterns: dict, module: str, default):
@@ -189,7 +189,7 @@ def load_peft_adapter(
         if a.shape[0] == 0:
             problems.append(f"{module}: rank 0")
             continue
-        lm = LoraModule(lora_a=a.float(), lora_b=b.float(), scaling=module_scaling(config, module, a.shape[0]))
+        lm = LoraModule(lora_A=a.float(), lora_B=b.float(), scaling=module_scaling(config, module, a.shape[0]))
         weights.modules[module] = lm
     if not pairs and not problems:
         problems.append("the adapter holds no LoRA weights")
@@ -208,9 +208,9 @@ def fit_problems(weights: LoraWeights, shapes: dict[str, tuple[int, int]], max_r
             problems.append(f"target module {module!r} is not an adaptable linear layer of the base model")
             continue
         in_f, out_f = shapes[module]
-        if lm.lora_a.shape[1] != in_f or lm.lora_b.shape[0] != out_f:
+        if lm.lora_A.shape[1] != in_f or lm.lora_B.shape[0] != out_f:
             problems.append(
-                f"{module}: shapes A {list(lm.lora_a.shape)}, B {list(lm.lora_b.shape)} "
+                f"{module}: shapes A {list(lm.lora_A.shape)}, B {list(lm.lora_B.shape)} "
                 f"do not fit the base layer ({in_f} in, {out_f} out)"
             )
         if max_rank is not None and lm.rank > max_rank:
@@ -231,8 +231,8 @@ def save_peft_adapter(weights: LoraWeights, directory: Path, base_model: str | N
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for module, lm in weights.modules.items():
-        tensors[f"{KEY_PREFIX}{module}.lora_A.weight"] = lm.lora_a.contiguous()
-        tensors[f"{KEY_PREFIX}{module}.lora_B.weight"] = lm.lora_b.contiguous()
+        tensors[f"{KEY_PREFIX}{module}.lora_A.weight"] = lm.lora_A.contiguous()
+        tensors[f"{KEY_PREFIX}{module}.lora_B.weight"] = lm.lora_B.contiguous()
     # the keys that shape the math are carried over from the source config; the rest are PEFT's defaults
     carried = {k: weights.config[k] for k in _CARRIED_KEYS if weights.config.get(k) is not None}
     config = {

@@ -29,10 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmar
 
 from benchmarks.common import RESULTS_DIR, add_server_args, chat_prompt_ids, print_table, write_json  # noqa: E402
 from benchmarks.throughput import warmed_engine  # noqa: E402
-from server.engine import Engine, EngineConfig, GenerationRequest, RequestOutput  # noqa: E402
-from server.model import load_base_model  # noqa: E402
-from server.sampling import SamplingParams  # noqa: E402
-from server.threads import run_in_thread  # noqa: E402
+from server.engine.engine import Engine, EngineConfig, GenerationRequest, RequestOutput  # noqa: E402
+from server.engine.model import load_base_model  # noqa: E402
+from server.engine.sampling import SamplingParams  # noqa: E402
+from server.engine.threads import run_in_thread  # noqa: E402
 
 SHORT = 8  # requests decoding when the long prompt arrives
 STARTED = 8  # tokens each short request has streamed by then

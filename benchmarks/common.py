@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from adapters.peft_io import LoraModule, LoraWeights, save_peft_adapter
-from server.model import prepare_default_model
+from server.engine.model import prepare_default_model
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CACHE_DIR = REPO / ".loraplex" / "cache"
@@ -102,7 +102,7 @@ def make_random_adapters(
         for module, (in_f, out_f) in shapes.items():
             a = torch.randn(rank, in_f, generator=gen) / in_f**0.5
             b = torch.randn(out_f, rank, generator=gen) * 0.01
-            modules[module] = LoraModule(lora_a=a, lora_b=b, scaling=alpha / rank)
+            modules[module] = LoraModule(lora_A=a, lora_B=b, scaling=alpha / rank)
         targets = sorted({m.rsplit(".", 1)[-1] for m in shapes})
         adapters.append(
             LoraWeights(config={"r": rank, "lora_alpha": alpha, "target_modules": targets}, modules=modules)

@@ -40,7 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/rotation.py` from anywhere
 
 from adapters.peft_io import describe_peft_adapter  # noqa: E402
-from adapters.registry import Adapter, AdapterRegistry  # noqa: E402
+from adapters.tiers.registry import Adapter, AdapterRegistry  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     RESULTS_DIR,
     add_server_args,
@@ -53,9 +53,9 @@ from benchmarks.common import (  # noqa: E402
     write_peft_adapters,
 )
 from benchmarks.throughput import Case, measure_interleaved, run_engine, warmed_engine  # noqa: E402
-from server.engine import AdapterUse, Engine, EngineConfig, GenerationRequest  # noqa: E402
-from server.model import load_base_model  # noqa: E402
-from server.threads import run_in_thread  # noqa: E402
+from server.engine.engine import AdapterUse, Engine, EngineConfig, GenerationRequest  # noqa: E402
+from server.engine.model import load_base_model  # noqa: E402
+from server.engine.threads import run_in_thread  # noqa: E402
 
 BATCH = 16  # concurrent requests per round, and the smaller rotation
 RANK, ALPHA, TARGETS = 8, 16, ("q_proj", "v_proj")

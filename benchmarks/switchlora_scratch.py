@@ -22,9 +22,9 @@ lm_head) and the RMSNorm weights train fully in every method, as in the paper's 
 learning rate (--embed-lr, 1e-2), so that the methods differ only in how the linear layers learn; each method's own
 learning rate (a sweep of two or three) applies to those layers. Methods:
   - full: the linear weights trained directly (torch AdamW);
-  - lora: `adapters.lora_train.inject_lora`, the trainer's layer (B = 0, A Kaiming-uniform), the random base
+  - lora: `adapters.training.lora.inject_lora`, the trainer's layer (B = 0, A Kaiming-uniform), the random base
     weights frozen (torch AdamW);
-  - switchlora: `adapters.switchlora` as the trainer uses it: `inject_switchlora` (the paper's non-zero A and B,
+  - switchlora: `adapters.training.switchlora` as the trainer uses it: `inject_switchlora` (the paper's non-zero A and B,
     with W absorbing −s·B·A at injection as in the authors' code, so every method starts from the same function),
     `StepAdamW` (per-vector steps), `SwitchScheduler` called after clipping and before the optimizer step, with the
     paper's schedule (interval0 = 40, ratio = 0.1, 5 warm steps);
@@ -58,8 +58,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/switchlora_scratch.py` anywhere
 
-from adapters.lora_train import inject_lora  # noqa: E402
-from adapters.switchlora import StepAdamW, SwitchScheduler, inject_switchlora, switchlora_param_groups  # noqa: E402
+from adapters.training.lora import inject_lora  # noqa: E402
+from adapters.training.switchlora import StepAdamW, SwitchScheduler, inject_switchlora, switchlora_param_groups  # noqa: E402
 from benchmarks.common import RESULTS_DIR, TARGETS, print_table, write_json  # noqa: E402
 from benchmarks.train_speed import DISTURBED_PCT, cpu_seconds  # noqa: E402
 

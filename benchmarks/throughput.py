@@ -44,9 +44,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/throughput.py` from anywhere
 
-from adapters.dense import onednn_linear  # noqa: E402
-from adapters.memory import keep_freed_memory  # noqa: E402
-from adapters.registry import Adapter, AdapterRegistry  # noqa: E402
+from adapters.cpu.allocator import keep_freed_memory  # noqa: E402
+from adapters.cpu.onednn import onednn_linear  # noqa: E402
+from adapters.tiers.registry import Adapter, AdapterRegistry  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     RESULTS_DIR,
     adapter_name,
@@ -60,17 +60,17 @@ from benchmarks.common import (  # noqa: E402
     write_json,
     write_peft_adapters,
 )
-from server.engine import AdapterUse, Engine, EngineConfig, GenerationRequest, RequestOutput  # noqa: E402
-from server.model import BaseModel, load_base_model  # noqa: E402
-from server.sampling import SamplingParams  # noqa: E402
-from server.threads import run_in_thread  # noqa: E402
+from server.engine.engine import AdapterUse, Engine, EngineConfig, GenerationRequest, RequestOutput  # noqa: E402
+from server.engine.model import BaseModel, load_base_model  # noqa: E402
+from server.engine.sampling import SamplingParams  # noqa: E402
+from server.engine.threads import run_in_thread  # noqa: E402
 
 RUN_TIMEOUT = 900.0  # seconds one batch may take before the benchmark gives up
 
 
 def matmul_gflops(n: int = 2048, reps: int = 5) -> dict[str, float]:
     """Best fp32 GFLOP/s of an n×n×n matmul in this process, through MKL (PyTorch's `@`) and through oneDNN
-    (the kernels the engine uses, adapters.dense): the larger is this machine's ceiling for MFU."""
+    (the kernels the engine uses, adapters.cpu.onednn): the larger is this machine's ceiling for MFU."""
     a, b = torch.randn(n, n), torch.randn(n, n)
     bt = b.T.contiguous()
     kernels = {"mkl": lambda: a @ b, "onednn": lambda: onednn_linear(a, bt, None)}
@@ -277,7 +277,7 @@ def main() -> None:
     if not 1 <= n_adapters <= n:
         ap.error("--adapters must be between 1 and --prompts")
 
-    keep_freed_memory()  # as the server does at start, before any thread (adapters.memory); the peers share it
+    keep_freed_memory()  # as the server does at start, before any thread (adapters.cpu.allocator); the peers share it
     # torch work runs in threads that end with it, as in the server (see server/threads.py), so that the engine
     # thread's OpenMP team is the only one alive while it runs; each peer run is in a thread of its own too
     rates = run_in_thread(matmul_gflops)
@@ -288,7 +288,7 @@ def main() -> None:
     base = run_in_thread(load_base_model, args.model, cache_dir=args.cache_dir, dtype=args.dtype)
     params = sum(p.numel() for p in base.model.parameters())
     adapters = run_in_thread(make_random_adapters, target_shapes(base.model), n_adapters)
-    adapter_params = sum(m.lora_a.numel() + m.lora_b.numel() for m in adapters[0].modules.values())
+    adapter_params = sum(m.lora_A.numel() + m.lora_B.numel() for m in adapters[0].modules.values())
     prompts = chat_prompt_ids(base.tokenizer, n)
     model_path = resolve_model_path(args.model, args.cache_dir)
 

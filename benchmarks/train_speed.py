@@ -1,6 +1,6 @@
 """Training speed and memory of our LoRA trainer, against PEFT + transformers `Trainer` and full fine-tuning.
 
-Issue #4's targets: training tokens/s of `adapters.trainer.train` (method "lora") ≥ 1 × PEFT + HF `Trainer` on the
+Issue #4's targets: training tokens/s of `adapters.training.trainer.train` (method "lora") ≥ 1 × PEFT + HF `Trainer` on the
 same job, and peak RSS of LoRA training ≤ 0.5 × full fine-tuning. The job, the same in every run: the default model
 (SmolLM2-135M-Instruct, fp32), a rank-16 LoRA (α = 32) on q, k, v, o, gate, up and down, --examples synthetic
 prompt/completion pairs (seeded, 30–150 tokens each, written to a JSONL file), batch 8, --steps (10) optimizer steps,
@@ -10,15 +10,15 @@ Each run is its own subprocess (same thread count), so that its peak RSS (`ru_ma
 own; (a)–(d) run --rounds (2) times, interleaved (a b c d a b c d), and their rows average the rounds' tok/s (this
 machine drifts by 10–15 % over minutes, which once turned (a)/(c) from 1.15 into 0.88 between two runs in a row):
 
-    (a) ours: `adapters.trainer.train(TrainConfig(method="lora", ...))`
+    (a) ours: `adapters.training.trainer.train(TrainConfig(method="lora", ...))`
     (b) PEFT `get_peft_model` + HF `Trainer`: default random sampler, a collator that pads each batch to its longest
-        row with labels from `adapters.data.tokenize` (prompt tokens masked exactly as ours), `remove_unused_columns=
+        row with labels from `adapters.training.data.tokenize` (prompt tokens masked exactly as ours), `remove_unused_columns=
         False`, `report_to=[]`, no logging, eval or saving; the Trainer's default optimizer (fused torch AdamW)
     (c) the same on our trainer's very batches: the rows in the order of its first epoch (`adapters.batching.
         plan_epoch`: shuffled, grouped by length) and `train_sampling_strategy="sequential"`; so (a) and (c) differ
         only in the implementation (HF's own `group_by_length` sampler would put the longest batch first, untimed)
     (d) full fine-tuning: every parameter trainable, plain `torch.optim.AdamW`, our trainer's own batches and loss
-        (`adapters.batching`: `read_rows`, `plan_epoch`, `collate`, `loss_sum`) and allocator setting (`adapters.memory`), so it differs
+        (`adapters.batching`: `read_rows`, `plan_epoch`, `collate`, `loss_sum`) and allocator setting (`adapters.cpu.allocator`), so it differs
         from (a) only in what is trained
     (e), (f) = (a), (d) with gradient checkpointing, once, for --memory-steps (8) steps: less activation memory
     (g) the floor: the model loaded and one no-grad forward pass (so that every weight page is resident)
@@ -66,7 +66,7 @@ UNTIMED_STEPS = 2
 CHILD_TIMEOUT = 1200.0  # seconds one run may take
 DISTURBED_PCT = 10.0  # other processes' CPU during the timed steps, % of one core, above which a run is flagged
 RUNS = {
-    "ours": "(a) ours: adapters.trainer, LoRA",
+    "ours": "(a) ours: adapters.training.trainer, LoRA",
     "peft": "(b) PEFT + HF Trainer, random sampler",
     "peft_same": "(c) PEFT + HF Trainer, our batches",
     "full": "(d) full fine-tuning, torch AdamW",
@@ -161,7 +161,7 @@ def batch_counts(rows_ids: list[list[int]], rows_labels: list[list[int]]) -> tup
 
 
 def run_ours(args, counts: list, clock: Clock, checkpointing: bool) -> None:
-    import adapters.trainer as trainer
+    import adapters.training.trainer as trainer
 
     collate = trainer.collate
 
@@ -190,14 +190,14 @@ def run_peft(args, counts: list, clock: Clock, same_batches: bool) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
 
-    from adapters.data import IGNORE, read_jsonl, tokenize
+    from adapters.training.data import IGNORE, read_jsonl, tokenize
 
     tok = AutoTokenizer.from_pretrained(args.model_path)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     features = []
     for ex in read_jsonl(args.data):
         ids, labels = tokenize(tok, ex, MAX_LENGTH)
-        features.append({"input_ids": ids, "labels": [IGNORE] + labels[1:]})  # as adapters.trainer.read_rows
+        features.append({"input_ids": ids, "labels": [IGNORE] + labels[1:]})  # as adapters.training.trainer.read_rows
     if same_batches:  # our trainer's first epoch, in order: a sequential sampler then makes exactly its batches
         from adapters.batching import plan_epoch
 
@@ -242,16 +242,16 @@ def run_full(args, counts: list, clock: Clock, checkpointing: bool) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from adapters.batching import collate, loss_sum, plan_epoch, read_rows
-    from adapters.memory import return_freed_memory, trim_freed_memory
+    from adapters.cpu.allocator import return_freed_memory, trim_freed_memory
 
-    if checkpointing:  # the allocator policies of adapters.trainer, for the same memory behaviour
+    if checkpointing:  # the allocator policies of adapters.training.trainer, for the same memory behaviour
         return_freed_memory()
     tok = AutoTokenizer.from_pretrained(args.model_path)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     rows = read_rows(args.data, tok, MAX_LENGTH)
     model = AutoModelForCausalLM.from_pretrained(args.model_path, dtype=torch.float32)
     model.config.use_cache = False
-    if checkpointing:  # as adapters.trainer enables it
+    if checkpointing:  # as adapters.training.trainer enables it
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]

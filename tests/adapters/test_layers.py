@@ -5,13 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import PeftModel
-from tiny import make_peft_adapter
 from transformers import AutoModelForCausalLM
 
-from adapters.layers import LoraBatch, inject_multi_lora, layer_shape
+from adapters.layers import LoraMapping, wrap_multi_lora
 from adapters.peft_io import check_fits, load_peft_adapter
-from adapters.pool import LoraPool
-from adapters.registry import AdapterRegistry
+from adapters.targets import layer_shape
+from adapters.tiers.pool import LoraPool
+from adapters.tiers.registry import AdapterRegistry
+from tests.tiny import make_peft_adapter
 
 PATTERNS = {
     "llama": ({"q_proj": 6}, {"down_proj": 20}),
@@ -22,8 +23,8 @@ PATTERNS = {
 
 def load_into_pool(model_dir, adapter_dirs, pages=10, page_size=8):
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    batch = LoraBatch()
-    layers = inject_multi_lora(model, batch, pages, page_size)
+    batch = LoraMapping()
+    layers = wrap_multi_lora(model, batch, pages, page_size)
     shapes = {n: layer_shape(m.base_layer) for n, m in layers.items()}
     pool = LoraPool(layers, pages, page_size, torch.device("cpu"))
     registry = AdapterRegistry()
@@ -44,7 +45,7 @@ def set_rows(batch, adapters, pages_of, row_adapter: list[int | None], tokens: i
         if a is not None:
             idx[i, : len(pages_of[a])] = pages_of[a]
             w[i, : len(pages_of[a])] = 1.0
-    batch.set(idx, w, frozenset(a.key for a in adapters), per_request=tokens > 1)
+    batch.set(idx, w, frozenset(a.key for a in adapters), segmented=tokens > 1)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from adapters.dense import onednn_linear
-from adapters.ops import lora_batched, lora_gathered, lora_reference
+from adapters.cpu.onednn import onednn_linear
+from adapters.ops import lora_gathered, lora_reference, lora_segmented
 
 G = 8  # rows per page in these tests
 
@@ -33,7 +33,7 @@ def make_pool(pages: int, in_f: int, out_f: int, ranks: list[int], seed: int = 0
 
 
 def token_map(owned: list[torch.Tensor], choice: list[list[tuple[int, float]]]):
-    """idx (N, K) and weights (N, K, G) for tokens that each use [(adapter, weight), ...] ([] = base)."""
+    """pages (N, K) and weights (N, K, G) for tokens that each use [(adapter, weight), ...] ([] = base)."""
     k = max(1, max(sum(len(owned[a]) for a, _ in c) for c in choice))
     idx = torch.zeros(len(choice), k, dtype=torch.long)
     w = torch.zeros(len(choice), k, G)
@@ -80,8 +80,8 @@ def test_batched_prefill_matches_reference():
     x = torch.randn(len(choice), 16)
     idx, w = token_map(owned, choice)
     ref = lora_reference(x, a, bt, idx, w)
-    per_request_idx, per_request_w = token_map(owned, seqs)
-    torch.testing.assert_close(lora_batched(x, a, bt, per_request_idx, per_request_w), ref, rtol=1e-4, atol=1e-4)
+    seg_pages, seg_w = token_map(owned, seqs)
+    torch.testing.assert_close(lora_segmented(x, a, bt, seg_pages, seg_w), ref, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("linear", [F.linear, onednn_linear], ids=["torch", "onednn"])
@@ -95,7 +95,7 @@ def test_one_run_of_shared_pages_matches_reference(linear, seqs):
     ref = lora_reference(x, a, bt, idx, w)
     assert ref.abs().max() > 0
     run_idx, run_w = token_map(owned, seqs[:1])
-    torch.testing.assert_close(lora_batched(x, a, bt, run_idx, run_w, linear), ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(lora_segmented(x, a, bt, run_idx, run_w, linear), ref, rtol=1e-4, atol=1e-4)
 
 
 def test_compiled_gathered_matches_reference():
@@ -123,5 +123,5 @@ def test_narrow_pages_are_widened_as_read(dtype):
     torch.testing.assert_close(lora_gathered(x, a, bt, idx, w), ref, rtol=1e-4, atol=1e-4)
     compiled = torch.compile(lora_gathered, dynamic=False)
     torch.testing.assert_close(compiled(x, a, bt, idx, w), ref, rtol=1e-4, atol=1e-4)
-    per_request_idx, per_request_w = token_map(owned, seqs)
-    torch.testing.assert_close(lora_batched(x, a, bt, per_request_idx, per_request_w), ref, rtol=1e-4, atol=1e-4)
+    seg_pages, seg_w = token_map(owned, seqs)
+    torch.testing.assert_close(lora_segmented(x, a, bt, seg_pages, seg_w), ref, rtol=1e-4, atol=1e-4)

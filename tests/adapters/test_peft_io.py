@@ -8,11 +8,11 @@ import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
-from tiny import make_peft_adapter
 from transformers import AutoModelForCausalLM
 
-from adapters.layers import LoraBatch, inject_multi_lora, layer_shape
 from adapters.peft_io import AdapterError, check_fits, load_peft_adapter, save_peft_adapter
+from adapters.targets import adaptable_layers, layer_shape
+from tests.tiny import make_peft_adapter
 
 
 @pytest.fixture
@@ -22,8 +22,7 @@ def good(llama_dir, tmp_path):
 
 def shapes_of(model_dir):
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    layers = inject_multi_lora(model, LoraBatch(), 2, 8)
-    return {n: layer_shape(m.base_layer) for n, m in layers.items()}
+    return {n: layer_shape(m) for n, m in adaptable_layers(model).items()}
 
 
 def edit_config(d, **changes):

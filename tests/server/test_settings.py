@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
+from server.engine.config import EngineConfig
 from server.settings import Settings
 
 
@@ -14,13 +15,13 @@ def test_environment_reaches_the_engine_config(monkeypatch, tmp_path):
     monkeypatch.setenv("LORAPLEX_KEEP_FREED_MEMORY", "0")
     monkeypatch.setenv("LORAPLEX_MAX_NUM_SEQS", "5")
     monkeypatch.setenv("LORAPLEX_PREFILL_CHUNK", "0")
-    config = Settings(data_dir=tmp_path).engine_config()
+    config = Settings(data_dir=tmp_path).section(EngineConfig)
     assert (config.lora_dtype, config.pack_weights, config.keep_freed_memory, config.max_num_seqs) == (
         "bfloat16", False, False, 5)  # fmt: skip
     assert config.prefill_chunk == 0
     for key in ("LORAPLEX_LORA_DTYPE", "LORAPLEX_PACK_WEIGHTS", "LORAPLEX_KEEP_FREED_MEMORY", "LORAPLEX_PREFILL_CHUNK"):
         monkeypatch.delenv(key)
-    defaults = Settings(data_dir=tmp_path).engine_config()
+    defaults = Settings(data_dir=tmp_path).section(EngineConfig)
     assert (defaults.lora_dtype, defaults.pack_weights, defaults.keep_freed_memory) == ("auto", True, True)
     assert defaults.prefill_chunk == 512
 

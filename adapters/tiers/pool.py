@@ -1,0 +1,98 @@
+"""The device tier: pages of every wrapped layer, lent to adapters while requests use them.
+
+S-LoRA's unified memory pool, kept simple: an adapter of rank r takes ⌈r/G⌉ free pages of G
+rank rows (the same page numbers in every layer; pages need not be contiguous because the ops
+gather by page), so adapters of different ranks share the pool without fragmentation.
+Resident adapters stay after their last request (a warm cache) and are evicted
+least-recently-used when pages run out; an adapter in use is never evicted. Only the engine
+thread calls this.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from adapters.layers import MultiLoraLinear
+from adapters.peft_io import LoraWeights
+from adapters.tiers.registry import Adapter
+
+
+class PoolFull(RuntimeError):
+    """Not enough free pages, even after evicting every adapter not in use."""
+
+
+@dataclass
+class _Resident:
+    adapter: Adapter
+    weights: LoraWeights
+    pages: torch.Tensor
+    users: int = 0
+
+
+class LoraPool:
+    """Allocates pages to adapters and copies their weights into every wrapped layer."""
+
+    def __init__(self, layers: dict[str, MultiLoraLinear], pages: int, page_size: int, device: torch.device):
+        self.layers = layers
+        self.pages = pages
+        self.page_size = page_size
+        self.device = device
+        self._free = list(range(pages - 1, 0, -1))  # page 0 is the zero page
+        self._resident: OrderedDict[int, _Resident] = OrderedDict()
+        self.loads = 0
+        self.evictions = 0
+
+    def resident_count(self) -> int:
+        return len(self._resident)
+
+    def pages_for(self, rank: int) -> int:
+        return max(1, -(-rank // self.page_size))
+
+    def acquire(self, adapter: Adapter, weights: LoraWeights) -> torch.Tensor:
+        """Make `adapter` (whose host weights are `weights`) resident and count one more user; returns its pages."""
+        res = self._resident.get(adapter.key)
+        if res is None:
+            res = self._load(adapter, weights)
+        res.users += 1
+        self._resident.move_to_end(adapter.key)
+        return res.pages
+
+    def release(self, adapter: Adapter) -> None:
+        res = self._resident[adapter.key]
+        res.users -= 1
+        if res.users == 0 and adapter.retired:
+            self._unload(adapter.key)
+
+    def _load(self, adapter: Adapter, weights: LoraWeights) -> _Resident:
+        need = self.pages_for(weights.rank)
+        if need > self.pages - 1:
+            raise PoolFull(f"adapter {adapter.name!r} needs {need} pages, the pool has {self.pages - 1}")
+        while len(self._free) < need:
+            victim = next((k for k, r in self._resident.items() if r.users == 0), None)
+            if victim is None:
+                raise PoolFull(f"no free LoRA pages for adapter {adapter.name!r}: every resident adapter is in use")
+            self._unload(victim)
+            self.evictions += 1
+        pages = torch.tensor([self._free.pop() for _ in range(need)], dtype=torch.long, device=self.device)
+        rows = (pages[:, None] * self.page_size + torch.arange(self.page_size, device=self.device)).flatten()
+        for module, lm in weights.modules.items():
+            self.layers[module].write_rows(adapter.key, rows[: lm.rank], lm.lora_A, lm.lora_B, lm.scaling)
+        res = _Resident(adapter=adapter, weights=weights, pages=pages)
+        self._resident[adapter.key] = res
+        self.loads += 1
+        return res
+
+    def _unload(self, key: int) -> None:
+        res = self._resident.pop(key)
+        for module in res.weights.modules:
+            self.layers[module].clear_pages(key, res.pages)
+        self._free.extend(res.pages.tolist())
+
+    def drop_unused(self) -> None:
+        """Free the pages of retired adapters that no request uses any more."""
+        for key, res in list(self._resident.items()):
+            if res.adapter.retired and res.users == 0:
+                self._unload(key)

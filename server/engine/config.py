@@ -1,0 +1,105 @@
+"""What the engine is built with, one small typed config per concern; importable without torch.
+
+`server.settings.Settings` reads them all from the environment and the command line (it inherits every field,
+so names, defaults and help texts exist once, here); tests and benchmarks build them directly. Each cross-field
+rule lives in the config it concerns and names its fields.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from adapters.dtypes import DtypeName
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+
+class ModelConfig(_Config):
+    """The base model: what and where."""
+
+    model: str | None = None
+    """Base model: an HF model directory or hub id; unset means the embedded SmolLM2-135M-Instruct."""
+    device: str = "auto"
+    """cuda, cpu, or auto (cuda when present)."""
+    dtype: DtypeName = "float32"
+    """Weights and activations: float32, bfloat16 or float16."""
+
+
+class SchedulerConfig(_Config):
+    """Rows, lengths and queues: what the scheduler admits."""
+
+    max_num_seqs: int = Field(32, ge=1)
+    """Sequences decoded together at most (rows of the KV cache)."""
+    max_model_len: int = Field(2048, ge=16)
+    """Prompt plus output tokens of one sequence at most (capped by the model's context)."""
+    max_prefill_tokens: int = Field(4096, ge=16)
+    """Padded prompt tokens admitted in one prefill at most (one longer prompt still goes alone)."""
+    prefill_chunk: int = Field(512, ge=0)
+    """A longer prompt is prefilled this many tokens per engine step, decoding the others in between (vLLM's
+    chunked prefill; one such prompt at a time, in the last KV-cache row); 0: in one forward; else at least 3."""
+    max_waiting: int = Field(1024, ge=1)
+    """Requests queued beyond the running batch before new ones get 503."""
+
+    @model_validator(mode="after")
+    def _check_chunk(self) -> SchedulerConfig:
+        if self.prefill_chunk in (1, 2):
+            raise ValueError("prefill_chunk must be 0 (off) or at least 3")
+        return self
+
+
+class LoraConfig(_Config):
+    """Adapters in memory: the host tier's budget and the device pool's pages."""
+
+    lora_pages: int = Field(128, ge=2)
+    """Pages of the device LoRA pool, shared by all resident adapters (a rank-16 adapter takes one page of 16)."""
+    lora_page_size: int = Field(16, ge=1)
+    """Rank rows per LoRA page."""
+    lora_dtype: Literal["auto", DtypeName] = "auto"
+    """dtype of the device LoRA pool: auto (the model's), float32, bfloat16 or float16 (bf16 halves the bytes a
+    decode step reads, vLLM's lora_dtype; the arithmetic stays in the model's dtype)."""
+    lora_backend: Literal["compiled", "eager"] = "compiled"
+    """compiled (decoder layers compiled by torch.compile, LoRA kernels fused in) or eager."""
+    max_lora_rank: int = Field(64, ge=1)
+    """Largest adapter rank accepted."""
+    host_adapter_bytes: int = Field(4 * 2**30, ge=0)
+    """Host-memory budget for adapter weights; beyond it the least recently used are re-read from disk."""
+
+    @model_validator(mode="after")
+    def _check_rank_fits(self) -> LoraConfig:
+        if self.max_lora_rank > (self.lora_pages - 1) * self.lora_page_size:
+            raise ValueError(
+                "max_lora_rank must fit in the LoRA pool: max_lora_rank <= (lora_pages - 1) * lora_page_size "
+                f"({self.max_lora_rank} > ({self.lora_pages} - 1) * {self.lora_page_size})"
+            )
+        return self
+
+
+class MergeConfig(_Config):
+    """Automatic merging of a dominant adapter (dLoRA)."""
+
+    auto_merge: bool = True
+    """Fold an adapter into the base weights while it serves nearly all running sequences."""
+    merge_threshold: float = Field(0.9, gt=0, le=1)
+    """Share of the running sequences one adapter must hold, every step of the window, to be merged."""
+    merge_window: int = Field(8, ge=1)
+    """Decode steps observed before merging and before unmerging."""
+
+
+class CpuConfig(_Config):
+    """CPU-only policies, applied once at start-up where the device is the CPU."""
+
+    pack_weights: bool = True
+    """fp32 on the CPU: a oneDNN-packed copy of every frozen weight; faster decoding, but the weights' memory twice."""
+    keep_freed_memory: bool = True
+    """Freed memory stays in the process for reuse, one arena for all threads (faster CPU forwards and merges; the
+    resident set keeps its peak)."""
+    threads: int | None = Field(None, ge=1)
+    """Torch intra-op threads for the engine (default: torch's choice)."""
+
+
+class EngineConfig(CpuConfig, MergeConfig, LoraConfig, SchedulerConfig):
+    """Everything the engine is built with (each piece reads its own concern's fields)."""

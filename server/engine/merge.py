@@ -1,0 +1,90 @@
+"""Automatic merge and unmerge of a dominant adapter (dLoRA, OSDI '24; the LoRA paper's merge).
+
+When one adapter serves (nearly) every running sequence for `window` decode steps, its LoRA
+delta is folded into the base weights, `W' = W + s·B·A`, so its requests pay nothing extra.
+The batch still serves every other request correctly: their deltas are taken relative to the
+merged weights, i.e. each other row also applies the merged adapter's pages with weight -1 (a
+composition that includes it at weight w applies w - 1). When traffic mixes again the layers
+point back at their original weight tensors, which were never written: unmerging restores the base
+bit for bit, however many cycles run. A layer that keeps a derived copy of its weight (oneDNN's packed
+layout) renews it through `MultiLoraLinear.base_changed` either way.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+
+import torch
+from transformers.pytorch_utils import Conv1D
+
+from adapters.layers import MultiLoraLinear
+from adapters.peft_io import LoraWeights
+from adapters.tiers.pool import LoraPool
+from adapters.tiers.registry import Adapter
+
+UNMERGE_MARGIN = 0.2  # hysteresis: unmerge only when the share falls this far below the threshold
+
+
+class AutoMerger:
+    def __init__(self, layers: dict[str, MultiLoraLinear], pool: LoraPool, threshold: float, window: int):
+        self.layers, self.pool = layers, pool
+        self.threshold, self.window = threshold, window
+        self.merged: Adapter | None = None
+        self.merged_pages: torch.Tensor | None = None
+        self._originals: dict[str, torch.Tensor] = {}  # each merged layer's own weight tensor
+        self._history: deque[tuple[Adapter | None, float]] = deque(maxlen=window)
+        self.merges = 0
+        self.unmerges = 0
+
+    def observe(self, singles: list[tuple[Adapter, torch.Tensor, LoraWeights] | None]) -> None:
+        """One decode step's rows: (adapter, its pages, its weights) for a row served by exactly one
+        adapter at weight 1, else None. Merges or unmerges between steps when the traffic says so."""
+        counts = Counter(s[0] for s in singles if s is not None)
+        top, n = counts.most_common(1)[0] if counts else (None, 0)
+        self._history.append((top, n / max(len(singles), 1)))
+        if self.merged is not None:
+            share = sum(sh for a, sh in self._history if a is self.merged) / len(self._history)
+            if self.merged.retired or share < self.threshold - UNMERGE_MARGIN:
+                self.unmerge()
+        elif (top is not None and not top.retired and len(self._history) == self.window
+              and all(a is top and sh >= self.threshold for a, sh in self._history)):
+            _, pages, weights = next(s for s in singles if s is not None and s[0] is top)
+            self.merge(top, pages, weights)
+
+    def merge(self, adapter: Adapter, pages: torch.Tensor, weights: LoraWeights) -> None:
+        self.pool.acquire(adapter, weights)  # pinned while merged
+        for module in weights.modules:
+            layer = self.layers[module]
+            a = layer.lora_A[pages].flatten(0, 1)  # (K·G, in)
+            bt = layer.lora_B[pages].flatten(0, 1)  # (K·G, out): Bᵀ, scaling folded in
+            w = layer.base_layer.weight
+            self._originals[module] = w.data
+            # one new tensor W + B·A (out, in); Conv1D stores (in, out)
+            lhs, rhs = (a.T, bt) if isinstance(layer.base_layer, Conv1D) else (bt.T, a)
+            w.data = torch.addmm(w.data, lhs.to(w.dtype), rhs.to(w.dtype))
+            layer.base_changed()
+        self.merged, self.merged_pages = adapter, pages
+        self._history.clear()
+        self.merges += 1
+
+    def unmerge(self) -> None:
+        for module, weight in self._originals.items():
+            layer = self.layers[module]
+            layer.base_layer.weight.data = weight
+            layer.base_changed()
+        self._originals.clear()
+        self.pool.release(self.merged)
+        self.merged, self.merged_pages = None, None
+        self._history.clear()
+        self.unmerges += 1
+
+    def corrected(self, uses: list[tuple[Adapter, torch.Tensor, float]]) -> list[tuple[torch.Tensor, float]]:
+        """The (pages, weight) a row must apply on top of the current (possibly merged) weights."""
+        m = self.merged
+        if m is None:
+            return [(p, w) for _, p, w in uses]
+        out = [(p, w) for a, p, w in uses if a is not m]
+        wm = sum(w for a, _, w in uses if a is m)
+        if wm != 1.0:
+            out.append((self.merged_pages, wm - 1.0))
+        return out

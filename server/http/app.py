@@ -1,0 +1,116 @@
+"""`create_app(settings)`: the FastAPI app, with no import-time singletons.
+
+The process listens at once; a start-up thread loads the base model, builds and warms the engine and the adapter
+catalog (`/health/ready` says 503 until then). Shutdown (SIGTERM) drains: uvicorn stops accepting, running
+requests finish within `drain_timeout`, training workers checkpoint, then the engine stops.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from adapters.tiers.registry import AdapterRegistry
+from adapters.tiers.store import AdapterStore
+from server.catalog import AdapterCatalog
+from server.engine.async_engine import AsyncEngine
+from server.engine.config import CpuConfig, EngineConfig
+from server.engine.engine import Engine
+from server.engine.model import load_base_model, pick_device
+from server.engine.platform import configure_process
+from server.http.auth import load_api_keys
+from server.http.errors import install_error_handlers
+from server.http.limits import BodySizeLimit
+from server.http.openai import OpenAIServing
+from server.http.routes import adapters, completions, files, health, jobs, models
+from server.http.state import AppState
+from server.jobs.config import JobsConfig
+from server.jobs.service import JobService
+from server.jobs.store import JobStore
+from server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def start_engine(state: AppState) -> None:
+    """Load the model, build and warm the engine, the catalog and the OpenAI layer (runs in a thread)."""
+    s = state.settings
+    try:
+        state.base = base = load_base_model(s.model, cache_dir=s.model_cache_dir, device=s.device, dtype=s.dtype,
+                                            max_model_len=s.max_model_len)  # fmt: skip
+        state.engine = engine = Engine(base, s.section(EngineConfig))
+        catalog = AdapterCatalog(state.store, state.registry, base.model_id, engine.layer_shapes(), s.max_lora_rank,
+                                 on_retire=engine.drop_retired)  # fmt: skip
+        catalog.register_stored()
+        if s.adapter_dir:
+            catalog.register_directory(s.adapter_dir)
+        engine.warmup()
+        engine.start()
+        m = state.metrics
+        state.async_engine = AsyncEngine(engine, s.max_waiting, m.ttft.observe, m.itl.observe)
+        state.serving = OpenAIServing(base, state.async_engine, catalog, engine.max_len, m)
+        state.catalog = catalog
+        pool = engine.pool
+        m.bind(
+            waiting=lambda: engine.num_waiting,
+            running=lambda: engine.num_running,
+            adapters_registered=lambda: len(state.registry),
+            adapters_resident=pool.resident_count,
+            adapter_loads=lambda: pool.loads,
+            adapter_evictions=lambda: pool.evictions,
+        )
+        if merger := engine.merger:
+            m.bind(merged=lambda: merger.merged is not None, merges=lambda: merger.merges,
+                   unmerges=lambda: merger.unmerges)  # fmt: skip
+        state.ready = True
+        log.info("ready: %s on %s", base.model_id, base.device)
+    except Exception as e:  # reported by /health/ready and every request
+        log.exception("model loading failed")
+        state.load_error = f"{e.__class__.__name__}: {e}"
+
+
+def create_app(settings: Settings) -> FastAPI:
+    # process-wide CPU policies, before any thread allocates (server.engine.platform)
+    configure_process(settings.section(CpuConfig), pick_device(settings.device))
+    jobs_db = JobStore(settings.data_dir / "jobs.db")
+    job_service = JobService(
+        jobs_db, settings.data_dir, settings.section(JobsConfig), settings.drain_timeout,
+        model_path=lambda: state.base.path if state.ready else None, catalog=lambda: state.catalog,
+    )  # fmt: skip
+    state = AppState(
+        settings=settings,
+        store=AdapterStore(settings.data_dir / "adapters"),
+        registry=AdapterRegistry(host_bytes=settings.host_adapter_bytes),
+        jobs=jobs_db,
+        job_service=job_service,
+        api_keys=load_api_keys(settings.api_keys_file),
+    )
+    state.metrics.bind_jobs(jobs_db.count_by_status)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        loader = threading.Thread(target=start_engine, args=(state,), name="loraplex-loader", daemon=True)
+        loader.start()
+        job_service.supervisor.start()
+        yield
+        state.draining = True
+        if state.async_engine:
+            state.async_engine.draining = True
+        await job_service.supervisor.stop()
+        loader.join()
+        if state.engine:
+            state.engine.stop()
+        jobs_db.close()
+
+    app = FastAPI(title="loraplex", lifespan=lifespan)
+    app.state.loraplex = state
+    install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, default=settings.max_request_bytes,
+                       per_path={"/v1/adapters": settings.max_upload_bytes,
+                                 "/v1/files": settings.max_training_file_bytes})  # fmt: skip
+    for routes in (health, models, completions, adapters, files, jobs):
+        app.include_router(routes.router)
+    return app

@@ -1,0 +1,326 @@
+"""The OpenAI translation layer: completions and chat completions on top of the async engine.
+
+Translates a validated request into engine requests (one per prompt × n), and their outputs
+into OpenAI response bodies or SSE chunks (vLLM's `OpenAIServingCompletion` / `OpenAIServingChat`).
+Errors are raised as `APIError`; the routes only map them to HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from adapters.tiers.registry import AdapterNotFound
+from server.catalog import AdapterCatalog
+from server.engine.async_engine import AsyncEngine, Overloaded
+from server.engine.model import BaseModel
+from server.engine.request import AdapterUse, RequestOutput
+from server.engine.sampling import SamplingParams, TokenLogprob
+from server.http.errors import APIError
+from server.http.metrics import Metrics
+from server.http.protocol import ChatCompletionRequest, CompletionRequest
+
+
+@dataclass
+class _Choice:
+    index: int
+    prompt_len: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+
+    def add(self, out: RequestOutput) -> None:
+        if out.error:
+            # "abort" with a reason: the server stopped it (shutdown); "error": the engine failed
+            raise APIError(503 if out.finish_reason == "abort" else 500, out.error, "server_error")
+        self.text += out.text
+        self.token_ids += out.token_ids
+        self.logprobs += out.logprobs or []
+        self.finish_reason = out.finish_reason
+
+
+async def _prepend(first, rest: AsyncIterator) -> AsyncIterator:
+    yield first
+    async for item in rest:
+        yield item
+
+
+class OpenAIServing:
+    def __init__(self, base: BaseModel, engine: AsyncEngine, catalog: AdapterCatalog, max_model_len: int,
+                 metrics: Metrics):  # fmt: skip
+        self.base = base
+        self.tokenizer = base.tokenizer
+        self.engine = engine
+        self.catalog = catalog
+        self.max_model_len = max_model_len
+        self.metrics = metrics
+
+    # ---- request → engine -------------------------------------------------------------------
+
+    async def resolve_adapters(self, req: CompletionRequest | ChatCompletionRequest) -> list[AdapterUse]:
+        """The adapters a request names, with their weights (read from disk if the host tier dropped them)."""
+        named: list[tuple[str, float, str]] = []
+        if req.model != self.base.model_id:
+            named.append((req.model, 1.0, "model"))
+        named += [(a.name, a.weight, "adapters") for a in req.adapters or ()]
+        uses = []
+        for name, weight, param in named:
+            try:
+                adapter = self.catalog.get(name)
+            except AdapterNotFound:
+                what = "model" if param == "model" else "adapter"
+                raise APIError(404, f"The {what} '{name}' does not exist.", "invalid_request_error", param, "model_not_found") from None
+            uses.append(AdapterUse(adapter, weight, await self.catalog.weights(adapter)))
+        return uses
+
+    def _check(self, req: CompletionRequest | ChatCompletionRequest) -> None:
+        problem = req.unsupported()
+        if problem:
+            raise APIError(400, problem, "invalid_request_error")
+
+    def _params(self, req, prompt_len: int, max_tokens: int | None, logprobs: int | None, j: int) -> SamplingParams:
+        room = self.max_model_len - prompt_len
+        if room < 1 or (max_tokens is not None and max_tokens > room):
+            raise APIError(
+                400,
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
+                f"{prompt_len + (max_tokens or 1)} tokens ({prompt_len} in the prompt, {max_tokens or 1} for the completion). "
+                "Please reduce the length of the prompt or the completion.",
+                "invalid_request_error",
+                "max_tokens" if max_tokens else "messages",
+                "context_length_exceeded",
+            )
+        vocab = len(self.tokenizer)
+        if any(not 0 <= t < vocab for t in req.stop_token_ids or ()):
+            raise APIError(400, "stop_token_ids must be token ids of the vocabulary", "invalid_request_error", "stop_token_ids")
+        return SamplingParams(
+            max_tokens=max_tokens or room,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            seed=None if req.seed is None else req.seed + j,
+            stop=req.stop,
+            stop_token_ids=req.stop_token_ids or [],
+            ignore_eos=req.ignore_eos,
+            min_tokens=req.min_tokens,
+            logprobs=logprobs,
+        )
+
+    def completion_prompts(self, req: CompletionRequest) -> list[list[int]]:
+        p = req.prompt
+        if isinstance(p, str):
+            prompts = [p]
+        elif p and all(isinstance(t, int) for t in p):
+            prompts = [list(p)]
+        else:
+            prompts = list(p)
+        if not prompts:
+            raise APIError(400, "prompt must not be empty", "invalid_request_error", "prompt")
+        out = []
+        for x in prompts:
+            ids = list(x) if isinstance(x, list) else self.tokenizer(x)["input_ids"]
+            if not ids or any(not 0 <= t < len(self.tokenizer) for t in ids):
+                raise APIError(400, "prompt is empty or holds token ids outside the vocabulary", "invalid_request_error", "prompt")
+            out.append(ids)
+        return out
+
+    def chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        try:
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt, tokenize=False)
+        except Exception as e:  # a template that rejects this conversation (e.g. roles out of order)
+            raise APIError(400, f"the chat template rejected the messages: {e}", "invalid_request_error", "messages") from None
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    async def _run(self, prompts: list[list[int]], req, max_tokens, logprobs, uses) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """Start every choice, then yield (choice index, output) as they come; closing aborts all."""
+        self._check(req)
+        params = [self._params(req, len(p), max_tokens, logprobs, j) for p in prompts for j in range(req.n)]
+        label = self.metrics.adapter_label(req.model if uses else "base")
+        self.metrics.adapter_requests.labels(label).inc()
+        try:
+            self.engine.check_capacity(len(params))
+        except Overloaded as e:
+            raise APIError(503, str(e), "server_error", headers={"Retry-After": "1"}) from None
+        queue: asyncio.Queue = asyncio.Queue()
+        gens = [self.engine.generate(prompts[i // req.n], sp, uses) for i, sp in enumerate(params)]
+
+        async def pump(i: int, gen) -> None:
+            try:
+                async for out in gen:
+                    await queue.put((i, out))
+            except Exception as e:  # still an answer for this choice, never a hang
+                await queue.put((i, RequestOutput("", "", [], None, "error", 0, 0, f"internal error: {e.__class__.__name__}")))
+
+        tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(gens)]
+        done = 0
+        try:
+            while done < len(tasks):
+                i, out = await queue.get()
+                if out.finish_reason is not None:
+                    done += 1
+                    self.metrics.generation_tokens.inc(out.completion_tokens)
+                    self.metrics.prompt_tokens.inc(out.prompt_tokens)
+                yield i, out
+        finally:
+            for t in tasks:
+                t.cancel()
+            # a cancelled pump closes its generator, which aborts the request in the engine
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    # ---- engine → response --------------------------------------------------------------------
+
+    def _token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    def completion_logprobs(self, lps: list[TokenLogprob], offset: int) -> dict:
+        tokens = [self._token_text(lp.token_id) for lp in lps]
+        offsets = []
+        for t in tokens:
+            offsets.append(offset)
+            offset += len(t)
+        return {
+            "tokens": tokens,
+            "token_logprobs": [lp.logprob for lp in lps],
+            "top_logprobs": [{self._token_text(t): v for t, v in lp.top} for lp in lps],
+            "text_offset": offsets,
+        }
+
+    def chat_logprobs(self, lps: list[TokenLogprob]) -> dict:
+        def entry(tid: int, lp: float) -> dict:
+            text = self._token_text(tid)
+            return {"token": text, "logprob": lp, "bytes": list(text.encode())}
+
+        return {"content": [entry(lp.token_id, lp.logprob) | {"top_logprobs": [entry(t, v) for t, v in lp.top]} for lp in lps]}
+
+    @staticmethod
+    def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+
+    async def complete(self, req: CompletionRequest) -> dict:
+        uses = await self.resolve_adapters(req)
+        prompts = self.completion_prompts(req)
+        choices = [_Choice(i, len(prompts[i // req.n])) for i in range(len(prompts) * req.n)]
+        async for i, out in self._run(prompts, req, req.max_tokens, req.logprobs, uses):
+            choices[i].add(out)
+        body = []
+        for c in choices:
+            prefix = self.tokenizer.decode(prompts[c.index // req.n]) if req.echo else ""
+            lp = self.completion_logprobs(c.logprobs, len(prefix)) if req.logprobs is not None else None
+            body.append({"index": c.index, "text": prefix + c.text, "logprobs": lp, "finish_reason": c.finish_reason})
+        return {
+            "id": f"cmpl-{uuid.uuid4().hex}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": req.model,
+            "choices": body,
+            "usage": self.usage(sum(len(p) for p in prompts), sum(len(c.token_ids) for c in choices)),
+        }
+
+    async def chat(self, req: ChatCompletionRequest) -> dict:
+        uses = await self.resolve_adapters(req)
+        prompt = self.chat_prompt(req)
+        k = (req.top_logprobs or 0) if req.logprobs else None
+        choices = [_Choice(i, len(prompt)) for i in range(req.n)]
+        async for i, out in self._run([prompt], req, req.max_completion_tokens or req.max_tokens, k, uses):
+            choices[i].add(out)
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": req.model,
+            "choices": [
+                {
+                    "index": c.index,
+                    "message": {"role": "assistant", "content": c.text},
+                    "logprobs": self.chat_logprobs(c.logprobs) if req.logprobs else None,
+                    "finish_reason": c.finish_reason,
+                }
+                for c in choices
+            ],
+            "usage": self.usage(len(prompt), sum(len(c.token_ids) for c in choices)),
+        }
+
+    async def stream_completion(self, req: CompletionRequest) -> AsyncIterator[dict]:
+        """Validate eagerly (errors before the stream starts become HTTP errors), then stream."""
+        uses = await self.resolve_adapters(req)
+        prompts = self.completion_prompts(req)
+        run = self._run(prompts, req, req.max_tokens, req.logprobs, uses)
+        first = await anext(run)  # starts the engine requests; raises APIError before any byte is sent
+        return self._completion_chunks(req, prompts, run, first)
+
+    async def _completion_chunks(self, req, prompts, run, first) -> AsyncIterator[dict]:
+        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        completion_tokens = 0
+        offsets = [0] * (len(prompts) * req.n)
+        echoed: set[int] = set()
+
+        async for i, out in _prepend(first, run):
+            if out.error:
+                yield {"error": {"message": out.error, "type": "server_error", "param": None, "code": None}}
+                return
+            text = out.text
+            if req.echo and i not in echoed:
+                echoed.add(i)
+                text = self.tokenizer.decode(prompts[i // req.n]) + text
+            if not text and out.finish_reason is None and not out.logprobs:
+                continue
+            lp = self.completion_logprobs(out.logprobs or [], offsets[i]) if req.logprobs is not None else None
+            offsets[i] += len(text)
+            if out.finish_reason is not None:
+                completion_tokens += out.completion_tokens
+            chunk = {
+                "id": rid,
+                "object": "text_completion",
+                "created": created,
+                "model": req.model,
+                "choices": [{"index": i, "text": text, "logprobs": lp, "finish_reason": out.finish_reason}],
+            }
+            if include_usage:
+                chunk["usage"] = None
+            yield chunk
+        if include_usage:
+            yield {
+                "id": rid,
+                "object": "text_completion",
+                "created": created,
+                "model": req.model,
+                "choices": [],
+                "usage": self.usage(sum(len(p) for p in prompts) * 1, completion_tokens),
+            }
+
+    async def stream_chat(self, req: ChatCompletionRequest) -> AsyncIterator[dict]:
+        uses = await self.resolve_adapters(req)
+        prompt = self.chat_prompt(req)
+        k = (req.top_logprobs or 0) if req.logprobs else None
+        run = self._run([prompt], req, req.max_completion_tokens or req.max_tokens, k, uses)
+        first = await anext(run)
+        return self._chat_chunks(req, prompt, run, first)
+
+    async def _chat_chunks(self, req, prompt, run, first) -> AsyncIterator[dict]:
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": req.model}
+        extra = {"usage": None} if include_usage else {}
+        for i in range(req.n):
+            delta = {"role": "assistant", "content": ""}
+            yield base | {"choices": [{"index": i, "delta": delta, "logprobs": None, "finish_reason": None}]} | extra
+        completion_tokens = 0
+
+        async for i, out in _prepend(first, run):
+            if out.error:
+                yield {"error": {"message": out.error, "type": "server_error", "param": None, "code": None}}
+                return
+            if not out.text and out.finish_reason is None and not out.logprobs:
+                continue
+            if out.finish_reason is not None:
+                completion_tokens += out.completion_tokens
+            delta = {"content": out.text} if out.text else {}
+            lp = self.chat_logprobs(out.logprobs or []) if req.logprobs else None
+            yield base | {"choices": [{"index": i, "delta": delta, "logprobs": lp, "finish_reason": out.finish_reason}]} | extra
+        if include_usage:
+            yield base | {"choices": [], "usage": self.usage(len(prompt), completion_tokens)}

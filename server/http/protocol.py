@@ -1,0 +1,150 @@
+"""OpenAI-compatible request schemas (completions, chat) with vLLM's extensions and ours.
+
+Unknown fields are ignored, as vLLM does; fields we cannot honour are refused, never ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from adapters.names import NAME_PATTERN
+from adapters.training.config import Hyperparameters
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class StreamOptions(_Request):
+    include_usage: bool = False
+
+
+class AdapterWeight(_Request):
+    """Extension: one adapter of a weighted composition."""
+
+    name: str = Field(pattern=NAME_PATTERN)
+    weight: float = Field(1.0, ge=-100, le=100)
+
+
+class _Sampling(_Request):
+    model: str
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    n: int = Field(1, ge=1, le=16)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = Field(None, validate_default=True)
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    user: str | None = None
+    # vLLM extensions
+    ignore_eos: bool = False
+    min_tokens: int = Field(0, ge=0)
+    stop_token_ids: list[int] | None = None
+    # loraplex extension
+    adapters: list[AdapterWeight] | None = Field(None, max_length=16)
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, v: str | list[str] | None) -> list[str]:
+        if v is None:
+            return []
+        stops = [v] if isinstance(v, str) else v
+        if len(stops) > 16:
+            raise ValueError("at most 16 stop sequences")
+        return stops
+
+    def unsupported(self) -> str | None:
+        """The first requested feature this server does not implement, if any."""
+        if self.presence_penalty or self.frequency_penalty:
+            return "presence_penalty and frequency_penalty are not supported"
+        return None
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(16, ge=1)
+    logprobs: int | None = Field(None, ge=0, le=20)
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+    def unsupported(self) -> str | None:
+        if self.suffix:
+            return "suffix is not supported"
+        if self.best_of not in (None, 1, self.n):
+            return "best_of is not supported"
+        return super().unsupported()
+
+
+class TextPart(_Request):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Request):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(p.text for p in self.content)
+        return self.content or ""
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[dict] | None = None
+    response_format: dict | None = None
+    add_generation_prompt: bool = True
+
+    def unsupported(self) -> str | None:
+        if self.tools:
+            return "tools are not supported"
+        if self.response_format and self.response_format.get("type") not in (None, "text"):
+            return "response_format other than text is not supported"
+        return super().unsupported()
+
+
+# --- training jobs (API.md, Training jobs) -------------------------------------------------
+
+PositiveInt = Annotated[int, Field(ge=1)]
+
+
+class JobHyperparameters(Hyperparameters):
+    """The trainer's hyperparameters (one set of fields and defaults: adapters.training.config), with OpenAI's
+    "auto" for the three it names; unknown keys are refused (a typo must not train with a default)."""
+
+    n_epochs: PositiveInt | Literal["auto"] = Hyperparameters.model_fields["n_epochs"].default
+    batch_size: PositiveInt | Literal["auto"] = Hyperparameters.model_fields["batch_size"].default
+    learning_rate: Annotated[float, Field(gt=0)] | Literal["auto"] = Hyperparameters.model_fields["learning_rate"].default
+
+    def resolved(self) -> Hyperparameters:
+        """The trainer's hyperparameters, "auto" taking the default."""
+        return Hyperparameters(**{k: v for k, v in self.model_dump().items() if v != "auto"})
+
+
+class Method(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["lora", "switchlora"] = "lora"
+    hyperparameters: JobHyperparameters = Field(default_factory=JobHyperparameters)
+
+
+class JobCreateRequest(_Request):
+    training_file: str
+    adapter_name: str
+    validation_file: str | None = None
+    model: str | None = None  # OpenAI requires it; here it may name the base model (or be left out)
+    method: Method = Field(default_factory=Method)
+    seed: int | None = None
+    max_seconds: float | None = Field(None, gt=0)  # extension: wall-clock budget (default: the server's limit)
+    overwrite: bool = False  # extension: replace an adapter of that name when the job succeeds

@@ -1,0 +1,77 @@
+"""The app's typed state, and the FastAPI dependencies through which routes reach it.
+
+`AppState` is built by `create_app` (no import-time singletons); what needs the model (engine, catalog, OpenAI
+serving) is filled in by the start-up thread once it is loaded. Routes take `State` (always), `Ready` (503 until
+the model is loaded and while draining), and `require(scope)` for the API key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from adapters.tiers.registry import AdapterRegistry
+from adapters.tiers.store import AdapterStore
+from server.catalog import AdapterCatalog
+from server.engine.async_engine import AsyncEngine
+from server.engine.engine import Engine
+from server.engine.model import BaseModel
+from server.http.auth import check_key
+from server.http.errors import APIError
+from server.http.metrics import Metrics
+from server.http.openai import OpenAIServing
+from server.jobs.service import JobService
+from server.jobs.store import JobStore
+from server.settings import Settings
+
+
+@dataclass
+class AppState:
+    """Everything the routes reach."""
+
+    settings: Settings
+    store: AdapterStore
+    registry: AdapterRegistry
+    jobs: JobStore
+    job_service: JobService
+    api_keys: dict[str, set[str]] | None = None
+    metrics: Metrics = field(default_factory=Metrics)
+    # filled in once the model is loaded
+    base: BaseModel | None = None
+    engine: Engine | None = None
+    async_engine: AsyncEngine | None = None
+    catalog: AdapterCatalog | None = None
+    serving: OpenAIServing | None = None
+    load_error: str | None = None
+    ready: bool = False
+    draining: bool = False
+
+
+def app_state(request: Request) -> AppState:
+    return request.app.state.loraplex
+
+
+def ready_state(request: Request) -> AppState:
+    """The state of a server that can serve: 503 with Retry-After while loading, after a failed load or draining."""
+    st = app_state(request)
+    if st.draining:
+        raise APIError(503, "the server is shutting down", "server_error", headers={"Retry-After": "5"})
+    if not st.ready:
+        msg = f"the model failed to load: {st.load_error}" if st.load_error else "the model is still loading"
+        raise APIError(503, msg, "server_error", headers={"Retry-After": "5"})
+    return st
+
+
+State = Annotated[AppState, Depends(app_state)]
+Ready = Annotated[AppState, Depends(ready_state)]
+
+
+def require(scope: str):
+    """A route dependency: the request's API key must carry `scope` (when keys are configured)."""
+
+    def dep(request: Request) -> None:
+        check_key(app_state(request).api_keys, request, scope)
+
+    return Depends(dep)
