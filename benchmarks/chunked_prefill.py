@@ -29,8 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmar
 
 from benchmarks.common import RESULTS_DIR, add_server_args, chat_prompt_ids, print_table, write_json  # noqa: E402
 from benchmarks.throughput import warmed_engine  # noqa: E402
-from server.engine.engine import Engine, EngineConfig, GenerationRequest, RequestOutput  # noqa: E402
+from server.engine.config import EngineConfig  # noqa: E402
+from server.engine.engine import Engine  # noqa: E402
 from server.engine.model import load_base_model  # noqa: E402
+from server.engine.request import GenerationRequest, RequestOutput  # noqa: E402
 from server.engine.sampling import SamplingParams  # noqa: E402
 from server.engine.threads import run_in_thread  # noqa: E402
 
@@ -113,7 +115,7 @@ def main() -> None:
         args.long, args.new_tokens, args.repeats, chunks = 300, 24, 1, [0, 128]
     out_path = args.out or (None if args.quick else RESULTS_DIR / "chunked_prefill.json")
 
-    base = run_in_thread(load_base_model, args.model, cache_dir=args.cache_dir)  # see server/threads.py
+    base = run_in_thread(load_base_model, args.model, cache_dir=args.cache_dir)  # see server/engine/threads.py
     shorts = chat_prompt_ids(base.tokenizer, SHORT)
     pool = [t for p in chat_prompt_ids(base.tokenizer, 16) for t in p]
     long_ids = (pool * (args.long // len(pool) + 1))[: args.long]

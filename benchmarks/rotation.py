@@ -53,8 +53,10 @@ from benchmarks.common import (  # noqa: E402
     write_peft_adapters,
 )
 from benchmarks.throughput import Case, measure_interleaved, run_engine, warmed_engine  # noqa: E402
-from server.engine.engine import AdapterUse, Engine, EngineConfig, GenerationRequest  # noqa: E402
+from server.engine.config import EngineConfig  # noqa: E402
+from server.engine.engine import Engine  # noqa: E402
 from server.engine.model import load_base_model  # noqa: E402
+from server.engine.request import AdapterUse, GenerationRequest  # noqa: E402
 from server.engine.threads import run_in_thread  # noqa: E402
 
 BATCH = 16  # concurrent requests per round, and the smaller rotation
@@ -71,7 +73,7 @@ class ServerSide:
 
     def submit(self, req: GenerationRequest) -> None:
         t0 = time.perf_counter()
-        # as the server does (server.serving: a thread of its own for a host-tier miss)
+        # as the server does (server.catalog.weights: a thread of its own for a host-tier miss)
         req.adapters = [AdapterUse(u.adapter, 1.0, run_in_thread(self.registry.weights_of, u.adapter))
                         for u in req.adapters]
         self.resolve_s += time.perf_counter() - t0
@@ -143,7 +145,7 @@ def main() -> None:
     out_path = args.out or (None if args.quick else RESULTS_DIR / "rotation.json")
     rounds = max(1, args.requests // BATCH)
 
-    base = run_in_thread(load_base_model, args.model, cache_dir=args.cache_dir)  # see server/threads.py
+    base = run_in_thread(load_base_model, args.model, cache_dir=args.cache_dir)  # see server/engine/threads.py
     model_path = resolve_model_path(args.model, args.cache_dir)
     shapes = target_shapes(base.model, TARGETS)
     prompts = chat_prompt_ids(base.tokenizer, BATCH)

@@ -58,6 +58,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/switchlora_scratch.py` anywhere
 
+from adapters.targets import select_targets  # noqa: E402
 from adapters.training.lora import inject_lora  # noqa: E402
 from adapters.training.switchlora import StepAdamW, SwitchScheduler, inject_switchlora, switchlora_param_groups  # noqa: E402
 from benchmarks.common import RESULTS_DIR, TARGETS, print_table, write_json  # noqa: E402
@@ -159,11 +160,11 @@ def prepare(method: str, model, rank: int, lr: float, embed_lr: float, steps: in
         linear = [p for name, p in model.named_parameters() if name.rsplit(".", 2)[-2] in TARGETS]
         groups = [{"params": linear}]
     elif method == "lora":
-        layers = inject_lora(model, list(TARGETS), rank, alpha=LORA_ALPHA, dropout=0.0, seed=SEED)
+        layers = inject_lora(model, select_targets(model, list(TARGETS)), rank, alpha=LORA_ALPHA, dropout=0.0, seed=SEED)
         groups = [{"params": [p for layer in layers.values() for p in (layer.lora_A, layer.lora_B)]}]
     else:
         init = METHODS[method].get("init", "switchlora")
-        layers = inject_switchlora(model, list(TARGETS), rank, alpha=LORA_ALPHA, seed=SEED, init=init)
+        layers = inject_switchlora(model, select_targets(model, list(TARGETS)), rank, alpha=LORA_ALPHA, seed=SEED, init=init)
         groups = switchlora_param_groups(layers)
     for p in rest:
         p.requires_grad_(True)  # inject_* froze the whole model

@@ -60,8 +60,10 @@ from benchmarks.common import (  # noqa: E402
     write_json,
     write_peft_adapters,
 )
-from server.engine.engine import AdapterUse, Engine, EngineConfig, GenerationRequest, RequestOutput  # noqa: E402
+from server.engine.config import EngineConfig  # noqa: E402
+from server.engine.engine import Engine  # noqa: E402
 from server.engine.model import BaseModel, load_base_model  # noqa: E402
+from server.engine.request import AdapterUse, GenerationRequest, RequestOutput  # noqa: E402
 from server.engine.sampling import SamplingParams  # noqa: E402
 from server.engine.threads import run_in_thread  # noqa: E402
 
@@ -278,7 +280,7 @@ def main() -> None:
         ap.error("--adapters must be between 1 and --prompts")
 
     keep_freed_memory()  # as the server does at start, before any thread (adapters.cpu.allocator); the peers share it
-    # torch work runs in threads that end with it, as in the server (see server/threads.py), so that the engine
+    # torch work runs in threads that end with it, as in the server (see server/engine/threads.py), so that the engine
     # thread's OpenMP team is the only one alive while it runs; each peer run is in a thread of its own too
     rates = run_in_thread(matmul_gflops)
     gflops = max(rates.values())

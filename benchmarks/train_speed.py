@@ -14,11 +14,11 @@ machine drifts by 10–15 % over minutes, which once turned (a)/(c) from 1.15 in
     (b) PEFT `get_peft_model` + HF `Trainer`: default random sampler, a collator that pads each batch to its longest
         row with labels from `adapters.training.data.tokenize` (prompt tokens masked exactly as ours), `remove_unused_columns=
         False`, `report_to=[]`, no logging, eval or saving; the Trainer's default optimizer (fused torch AdamW)
-    (c) the same on our trainer's very batches: the rows in the order of its first epoch (`adapters.batching.
+    (c) the same on our trainer's very batches: the rows in the order of its first epoch (`adapters.training.collate.
         plan_epoch`: shuffled, grouped by length) and `train_sampling_strategy="sequential"`; so (a) and (c) differ
         only in the implementation (HF's own `group_by_length` sampler would put the longest batch first, untimed)
     (d) full fine-tuning: every parameter trainable, plain `torch.optim.AdamW`, our trainer's own batches and loss
-        (`adapters.batching`: `read_rows`, `plan_epoch`, `collate`, `loss_sum`) and allocator setting (`adapters.cpu.allocator`), so it differs
+        (`adapters.training.collate`: `read_rows`, `plan_epoch`, `collate`; `adapters.training.loss.loss_sum`) and allocator setting (`adapters.cpu.allocator`), so it differs
         from (a) only in what is trained
     (e), (f) = (a), (d) with gradient checkpointing, once, for --memory-steps (8) steps: less activation memory
     (g) the floor: the model loaded and one no-grad forward pass (so that every weight page is resident)
@@ -199,7 +199,7 @@ def run_peft(args, counts: list, clock: Clock, same_batches: bool) -> None:
         ids, labels = tokenize(tok, ex, MAX_LENGTH)
         features.append({"input_ids": ids, "labels": [IGNORE] + labels[1:]})  # as adapters.training.trainer.read_rows
     if same_batches:  # our trainer's first epoch, in order: a sequential sampler then makes exactly its batches
-        from adapters.batching import plan_epoch
+        from adapters.training.collate import plan_epoch
 
         plan = plan_epoch([len(f["input_ids"]) for f in features], args.batch_size, SEED, 0, group=True)
         features = [features[i] for step in plan for i in step]
@@ -241,8 +241,9 @@ def run_peft(args, counts: list, clock: Clock, same_batches: bool) -> None:
 def run_full(args, counts: list, clock: Clock, checkpointing: bool) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from adapters.batching import collate, loss_sum, plan_epoch, read_rows
     from adapters.cpu.allocator import return_freed_memory, trim_freed_memory
+    from adapters.training.collate import collate, plan_epoch, read_rows
+    from adapters.training.loss import loss_sum
 
     if checkpointing:  # the allocator policies of adapters.training.trainer, for the same memory behaviour
         return_freed_memory()

@@ -44,3 +44,18 @@ def live_server(tmp_path_factory, llama_dir, adapter_dir) -> Iterator[LiveServer
 def http(live_server) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=live_server.url, timeout=60) as c:
         yield c
+
+
+@pytest.fixture(scope="module")
+def server(request, tmp_path_factory, llama_dir) -> Iterator[LiveServer]:
+    """A server of the tiny Llama for one test module; the module's `SERVER_SETTINGS` override `tiny_settings`."""
+    overrides = getattr(request.module, "SERVER_SETTINGS", {})
+    live = start_server(tiny_settings(llama_dir, tmp_path_factory.mktemp("data"), **overrides))
+    yield live
+    live.stop()
+
+
+@pytest.fixture
+def client(server) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        yield c

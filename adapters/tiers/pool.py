@@ -70,10 +70,12 @@ class LoraPool:
         need = self.pages_for(weights.rank)
         if need > self.pages - 1:
             raise PoolFull(f"adapter {adapter.name!r} needs {need} pages, the pool has {self.pages - 1}")
-        while len(self._free) < need:
-            victim = next((k for k, r in self._resident.items() if r.users == 0), None)
-            if victim is None:
-                raise PoolFull(f"no free LoRA pages for adapter {adapter.name!r}: every resident adapter is in use")
+        unused = [k for k, r in self._resident.items() if r.users == 0]  # least recently used first
+        if len(self._free) + sum(len(self._resident[k].pages) for k in unused) < need:  # evict nothing in vain
+            raise PoolFull(f"no free LoRA pages for adapter {adapter.name!r}: the resident adapters are in use")
+        for victim in unused:
+            if len(self._free) >= need:
+                break
             self._unload(victim)
             self.evictions += 1
         pages = torch.tensor([self._free.pop() for _ in range(need)], dtype=torch.long, device=self.device)

@@ -68,6 +68,10 @@ class Engine:
     def merger(self) -> AutoMerger | None:
         return self.runner.merger
 
+    @merger.setter
+    def merger(self, merger: AutoMerger | None) -> None:  # benchmarks turn merging on and off between runs
+        self.runner.merger = merger
+
     @property
     def tokens_generated(self) -> int:
         return self.outputs.tokens_generated

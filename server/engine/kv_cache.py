@@ -41,7 +41,7 @@ class SlotKVCache:
 
     def attach(self, attention: torch.nn.Module, kv_heads: int, head_dim: int) -> None:
         shape = (self.max_seqs, kv_heads, self.max_len, head_dim)
-        # zeros that take memory as sequences fill them (adapters.memory; a compiled layer's first call maps them in)
+        # zeros that take memory as sequences fill them (adapters.cpu.allocator; a compiled layer's first call maps them in)
         attention.register_buffer("loraplex_k", lazy_zeros(shape, self.dtype, self.device), persistent=False)
         attention.register_buffer("loraplex_v", lazy_zeros(shape, self.dtype, self.device), persistent=False)
         attention.loraplex_cache = self

@@ -1,13 +1,19 @@
-"""The OpenAI error envelope, for every non-2xx answer on /v1/*."""
+"""The OpenAI error envelope, for every non-2xx answer on /v1/*, and the one place where the errors of the layers
+below (adapter catalog, job service) become HTTP statuses, so routes need not catch them."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from adapters.peft_io import AdapterError
+from adapters.tiers.registry import AdapterExists, AdapterNotFound
+from server.jobs.service import Conflict, JobRefused, NotFound
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +45,38 @@ def _loc(loc: tuple) -> str | None:
     return ".".join(parts) or None
 
 
+def _not_found(e: NotFound) -> APIError:
+    if e.what == "model":
+        return APIError(404, f"The model '{e.id}' does not exist.", "invalid_request_error", "model", "model_not_found")
+    if e.what == "job":
+        return APIError(404, f"No fine-tuning job with id '{e.id}'.", "invalid_request_error", "fine_tuning_job_id")
+    return APIError(404, f"No file with id '{e.id}'.", "invalid_request_error", "file_id")
+
+
+# what the layers below raise → the answer (API.md, Conventions)
+DOMAIN_ERRORS: dict[type[Exception], Callable[[Exception], APIError]] = {
+    AdapterError: lambda e: APIError(400, "invalid adapter: " + "; ".join(e.problems), param="file"),
+    AdapterNotFound: lambda e: APIError(404, f"The adapter '{e.args[0]}' does not exist.", param="name",
+                                        code="model_not_found"),  # fmt: skip
+    AdapterExists: lambda e: APIError(409, f"an adapter named '{e.args[0]}' exists (use ?overwrite=true to replace it)",
+                                      param="name", code="adapter_exists"),  # fmt: skip
+    JobRefused: lambda e: APIError(400, "; ".join(e.problems), param=e.param),
+    NotFound: _not_found,
+    Conflict: lambda e: APIError(409, e.message, param=e.param, code=e.code),
+}
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
         return error_response(exc)
+
+    for kind, to_api in DOMAIN_ERRORS.items():
+
+        async def _domain(request: Request, exc: Exception, to_api=to_api) -> JSONResponse:
+            return error_response(to_api(exc))
+
+        app.add_exception_handler(kind, _domain)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 from adapters.names import name_problem
 from adapters.peft_io import AdapterError
@@ -27,12 +27,14 @@ from server.jobs.config import JobsConfig
 from server.jobs.store import TERMINAL, FileRecord, IllegalTransition, JobRecord, JobStore, new_id
 from server.jobs.supervisor import JobSupervisor
 
+R = TypeVar("R")
+
 
 class JobRefused(ValueError):
-    """A job or file that cannot be accepted; `problems` lists every reason."""
+    """A job or file that cannot be accepted; `problems` lists every reason, `param` the field at fault if one."""
 
-    def __init__(self, problems: list[str]):
-        self.problems = problems
+    def __init__(self, problems: list[str], param: str | None = None):
+        self.problems, self.param = problems, param
         super().__init__("; ".join(problems))
 
 
@@ -50,6 +52,12 @@ class Conflict(RuntimeError):
     def __init__(self, message: str, param: str, code: str | None = None):
         super().__init__(message)
         self.message, self.param, self.code = message, param, code
+
+
+def _found(what: str, id: str, record: R | None) -> R:
+    if record is None:
+        raise NotFound(what, id)
+    return record
 
 
 @dataclass
@@ -84,7 +92,7 @@ class JobService:
         """Copy the JSONL upload `source`, check it and keep it under a new id; JobRefused if it is bad (then
         nothing is kept). Blocking I/O."""
         if purpose != "fine-tune":
-            raise JobRefused(["purpose must be 'fine-tune'"])
+            raise JobRefused(["purpose must be 'fine-tune'"], "purpose")
         file_id = new_id("file")
         dest = self.file_path(file_id)
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -95,7 +103,7 @@ class JobService:
             try:
                 examples = len(read_jsonl(Path(tmp), max_examples=self.config.max_training_examples))
             except DataError as e:
-                raise JobRefused(["invalid training file: " + "; ".join(e.problems)]) from None
+                raise JobRefused(["invalid training file: " + "; ".join(e.problems)], "file") from None
             os.replace(tmp, dest)
         finally:
             Path(tmp).unlink(missing_ok=True)
@@ -105,10 +113,7 @@ class JobService:
         return record
 
     def get_file(self, file_id: str) -> FileRecord:
-        record = self.store.get_file(file_id)
-        if record is None:
-            raise NotFound("file", file_id)
-        return record
+        return _found("file", file_id, self.store.get_file(file_id))
 
     def delete_file(self, file_id: str) -> None:
         self.get_file(file_id)
@@ -120,10 +125,7 @@ class JobService:
     # ---- jobs -------------------------------------------------------------------------------
 
     def get_job(self, job_id: str) -> JobRecord:
-        job = self.store.get_job(job_id)
-        if job is None:
-            raise NotFound("job", job_id)
-        return job
+        return _found("job", job_id, self.store.get_job(job_id))
 
     def create(self, req: JobRequest) -> JobRecord:
         """Check `req` against the loaded model and the limits (JobRefused with every problem; Conflict for a

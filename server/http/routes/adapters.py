@@ -17,7 +17,7 @@ from starlette.datastructures import UploadFile
 from adapters.archive import extract_adapter_archive
 from adapters.names import name_problem
 from adapters.peft_io import CONFIG_NAME, WEIGHTS_NAME, AdapterError
-from adapters.tiers.registry import Adapter, AdapterExists, AdapterNotFound
+from adapters.tiers.registry import Adapter
 from server.catalog import AdapterCatalog
 from server.http.errors import APIError
 from server.http.state import Ready, require
@@ -44,17 +44,6 @@ def _role(field: str, upload: UploadFile) -> str:
         if candidate.endswith((".bin", ".pt", ".pth", ".pkl")):
             return "pickle"
     return "unknown"
-
-
-def _not_found(name: str) -> APIError:
-    return APIError(404, f"The adapter '{name}' does not exist.", "invalid_request_error", "name", "model_not_found")
-
-
-def _get(catalog: AdapterCatalog, name: str) -> Adapter:
-    try:
-        return catalog.get(name)
-    except AdapterNotFound:
-        raise _not_found(name) from None
 
 
 def _write(upload: UploadFile, dest: Path) -> None:
@@ -118,11 +107,6 @@ async def _add(catalog: AdapterCatalog, name: str, files: dict[str, UploadFile],
         except AdapterError as e:  # the archive itself: nothing to validate
             raise AdapterError([p for p in [name_problem(name)] if p] + problems + e.problems) from None
         return await catalog.add(name, adapter_dir, overwrite, problems)
-    except AdapterError as e:
-        raise APIError(400, "invalid adapter: " + "; ".join(e.problems), "invalid_request_error", "file") from None
-    except AdapterExists:
-        raise APIError(409, f"an adapter named '{name}' exists (use ?overwrite=true to replace it)",
-                       "invalid_request_error", "name", "adapter_exists") from None  # fmt: skip
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -134,20 +118,17 @@ def list_adapters(st: Ready) -> dict:
 
 @router.get("/v1/adapters/{name}", dependencies=[require("inference")])
 def get_adapter(name: str, st: Ready) -> dict:
-    return adapter_object(_get(st.catalog, name), st.base.model_id)
+    return adapter_object(st.catalog.get(name), st.base.model_id)
 
 
 @router.delete("/v1/adapters/{name}", status_code=204, dependencies=[require("admin")])
 async def delete_adapter(name: str, st: Ready) -> Response:
-    try:
-        await st.catalog.delete(name)  # running requests keep their version until they finish
-    except AdapterNotFound:
-        raise _not_found(name) from None
+    await st.catalog.delete(name)  # running requests keep their version until they finish
     return Response(status_code=204)
 
 
 @router.get("/v1/adapters/{name}/download", dependencies=[require("inference")])
 async def download_adapter(name: str, st: Ready) -> Response:
-    adapter = _get(st.catalog, name)
+    adapter = st.catalog.get(name)
     return Response(await st.catalog.archive(adapter), media_type="application/gzip",
                     headers={"Content-Disposition": f'attachment; filename="{name}.tar.gz"'})  # fmt: skip

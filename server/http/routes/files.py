@@ -10,22 +10,8 @@ from starlette.datastructures import UploadFile
 
 from server.http.errors import APIError
 from server.http.state import State, require
-from server.jobs.service import Conflict, JobRefused, NotFound
 
 router = APIRouter(dependencies=[require("admin")])
-
-
-def not_found(e: NotFound) -> APIError:
-    """The 404 of a missing job, file or model (OpenAI's messages and params)."""
-    if e.what == "model":
-        return APIError(404, f"The model '{e.id}' does not exist.", "invalid_request_error", "model", "model_not_found")
-    if e.what == "job":
-        return APIError(404, f"No fine-tuning job with id '{e.id}'.", "invalid_request_error", "fine_tuning_job_id")
-    return APIError(404, f"No file with id '{e.id}'.", "invalid_request_error", "file_id")
-
-
-def conflict(e: Conflict) -> APIError:
-    return APIError(409, e.message, "invalid_request_error", e.param, e.code)
 
 
 @router.post("/v1/files")
@@ -38,12 +24,9 @@ async def upload_file(st: State, request: Request) -> dict:
         if purpose != "fine-tune":
             raise APIError(400, "purpose must be 'fine-tune'", "invalid_request_error", "purpose")
         upload.file.seek(0)
-        try:
-            record = await asyncio.to_thread(st.job_service.add_file, upload.file, upload.filename or "train.jsonl",
-                                             purpose)  # fmt: skip
-            return record.to_api()
-        except JobRefused as e:
-            raise APIError(400, "; ".join(e.problems), "invalid_request_error", "file") from None
+        record = await asyncio.to_thread(st.job_service.add_file, upload.file, upload.filename or "train.jsonl",
+                                         purpose)  # fmt: skip
+        return record.to_api()
     finally:
         await form.close()
 
@@ -55,27 +38,16 @@ def list_files(st: State) -> dict:
 
 @router.get("/v1/files/{file_id}")
 def get_file(file_id: str, st: State) -> dict:
-    try:
-        return st.job_service.get_file(file_id).to_api()
-    except NotFound as e:
-        raise not_found(e) from None
+    return st.job_service.get_file(file_id).to_api()
 
 
 @router.get("/v1/files/{file_id}/content")
 def file_content(file_id: str, st: State) -> FileResponse:
-    try:
-        record = st.job_service.get_file(file_id)
-    except NotFound as e:
-        raise not_found(e) from None
+    record = st.job_service.get_file(file_id)
     return FileResponse(st.job_service.file_path(file_id), media_type="application/jsonl", filename=record.filename)
 
 
 @router.delete("/v1/files/{file_id}")
 def delete_file(file_id: str, st: State) -> dict:
-    try:
-        st.job_service.delete_file(file_id)
-    except NotFound as e:
-        raise not_found(e) from None
-    except Conflict as e:
-        raise conflict(e) from None
+    st.job_service.delete_file(file_id)
     return {"id": file_id, "object": "file", "deleted": True}

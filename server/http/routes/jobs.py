@@ -9,11 +9,9 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from server.http.errors import APIError
 from server.http.protocol import JobCreateRequest
-from server.http.routes.files import conflict, not_found
 from server.http.state import AppState, Ready, State, require
-from server.jobs.service import Conflict, JobRefused, JobRequest, NotFound
+from server.jobs.service import JobRequest
 from server.jobs.store import TERMINAL
 
 router = APIRouter(dependencies=[require("admin")])
@@ -27,17 +25,7 @@ def create_job(body: JobCreateRequest, st: Ready) -> dict:  # checked against th
         hyperparameters=body.method.hyperparameters.resolved(), validation_file=body.validation_file, model=body.model,
         seed=body.seed, max_seconds=body.max_seconds, overwrite=body.overwrite,
     )  # fmt: skip
-    try:
-        return st.job_service.create(req).to_api()
-    except JobRefused as e:
-        raise APIError(400, "; ".join(e.problems), "invalid_request_error") from None
-    except NotFound as e:
-        if e.what == "model":
-            raise APIError(404, f"The model '{e.id}' does not exist; jobs train adapters of '{st.base.model_id}'.",
-                           "invalid_request_error", "model", "model_not_found") from None  # fmt: skip
-        raise not_found(e) from None
-    except Conflict as e:
-        raise conflict(e) from None
+    return st.job_service.create(req).to_api()
 
 
 @router.get("/v1/fine_tuning/jobs")
@@ -47,27 +35,19 @@ def list_jobs(st: State) -> dict:
 
 @router.get("/v1/fine_tuning/jobs/{job_id}")
 def get_job(job_id: str, st: State) -> dict:
-    try:
-        return st.job_service.get_job(job_id).to_api()
-    except NotFound as e:
-        raise not_found(e) from None
+    return st.job_service.get_job(job_id).to_api()
 
 
 @router.post("/v1/fine_tuning/jobs/{job_id}/cancel")
 async def cancel_job(job_id: str, st: State) -> dict:
-    try:
-        return (await st.job_service.cancel(job_id)).to_api()
-    except NotFound as e:
-        raise not_found(e) from None
-    except Conflict as e:
-        raise conflict(e) from None
+    return (await st.job_service.cancel(job_id)).to_api()
 
 
 @router.get("/v1/fine_tuning/jobs/{job_id}/events")
 async def job_events(job_id: str, st: State, request: Request, stream: bool = False, after: int = 0,
                      limit: int | None = None):  # fmt: skip
     """The job's events, oldest first (`after`: the last event number seen); `stream=true` follows them as SSE."""
-    get_job(job_id, st)
+    st.job_service.get_job(job_id)
     if not stream:
         events = st.jobs.events(job_id, after, None if limit is None else limit + 1)
         more = limit is not None and len(events) > limit

@@ -33,17 +33,7 @@ def greedy(http: httpx.Client, model: str, **extra) -> str:
     return r.json()["choices"][0]["text"]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, llama_dir):
-    live = start_server(tiny_settings(llama_dir, tmp_path_factory.mktemp("data"), max_upload_bytes=2 * 2**20))
-    yield live
-    live.stop()
-
-
-@pytest.fixture
-def client(server):
-    with httpx.Client(base_url=server.url, timeout=60) as c:
-        yield c
+SERVER_SETTINGS = dict(max_upload_bytes=2 * 2**20)  # the module's `server` (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")

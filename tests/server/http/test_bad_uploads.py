@@ -21,7 +21,6 @@ import torch
 from safetensors.torch import load_file
 from safetensors.torch import save as st_save
 
-from tests.live import start_server, tiny_settings
 from tests.tiny import make_peft_adapter
 
 CONFIG = "adapter_config.json"
@@ -108,17 +107,7 @@ def crafted_safetensors(header: dict, data: bytes) -> bytes:
 # ---- fixtures ---------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, llama_dir):
-    live = start_server(tiny_settings(llama_dir, tmp_path_factory.mktemp("data"), max_upload_bytes=LIMIT))
-    yield live
-    live.stop()
-
-
-@pytest.fixture
-def client(server):
-    with httpx.Client(base_url=server.url, timeout=60) as c:
-        yield c
+SERVER_SETTINGS = dict(max_upload_bytes=LIMIT)  # the module's `server` (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
