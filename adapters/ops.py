@@ -15,7 +15,10 @@ Semantics (every op here returns the same value up to floating-point rounding):
 The pages may be stored in a narrower dtype than x (bf16 pages halve the bytes a decode step streams, vLLM's
 `lora_dtype`); they are widened to x's dtype as they are read, and the arithmetic is x's.
 
-`lora_reference` is that loop and the spec every fast path is tested against. `lora_linear` is the
+`lora_reference` is that loop and the spec every fast path is tested against. The fast paths: `lora_gathered`
+(every token gathers its own pages: decode, all rows different), `lora_segmented` (equal runs of tokens share
+pages: prefill; one run for everything when all share them), `lora_grouped` (rows that share pages are grouped,
+so each distinct set of pages is read once: decode with several rows per adapter, Punica's SGMV / S-LoRA). `lora_linear` is the
 single-adapter term a trainer differentiates through (loralib's one-line forward): every token on
 one adapter, A (r, in), B (out, r), its scale applied once:
     for each token i: out[i] = scaling · (x[i] @ lora_A.T) @ lora_B.T
@@ -79,6 +82,29 @@ def lora_segmented(
         return linear(linear(x, a[0], None) * w, bt[0].T, None)
     xa = torch.bmm(x.view(n, -1, x.shape[1]), a.transpose(1, 2)) * w[:, None, :]  # (n, T, K·G)
     return torch.bmm(xa, bt).flatten(0, 1)
+
+
+def lora_grouped(
+    x: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    pages: torch.Tensor,
+    weights: torch.Tensor,
+    slots: torch.Tensor,
+    inverse: torch.Tensor,
+) -> torch.Tensor:
+    """Rows grouped by the pages they apply: one BGEMM pair over u groups of at most m rows each.
+
+    pages (u, K) and weights (u, K, G) are per group; `slots` (u, m) lists each group's rows of x (N, in), padded
+    with the index N (a zero row); `inverse` (N,) is each row's place in `slots` flattened. The same value as
+    `lora_gathered` with row i's pages those of its group.
+    """
+    u, m = slots.shape
+    a = lora_A[pages].flatten(1, 2).to(x.dtype)  # (u, K·G, in): each group's pages, read once
+    bt = lora_B[pages].flatten(1, 2).to(x.dtype)  # (u, K·G, out)
+    x_pad = torch.cat([x, x.new_zeros(1, x.shape[1])])[slots]  # (u, m, in)
+    xa = torch.bmm(x_pad, a.transpose(1, 2)) * weights.flatten(1)[:, None, :]  # (u, m, K·G)
+    return torch.bmm(xa, bt).flatten(0, 1)[inverse]  # (N, out)
 
 
 def lora_linear(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:

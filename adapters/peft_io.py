@@ -70,6 +70,17 @@ class LoraWeights:
     def nbytes(self) -> int:
         return sum(m.lora_A.nbytes + m.lora_B.nbytes for m in self.modules.values())
 
+    def prepared(self, dtype: torch.dtype, pin: bool = False) -> LoraWeights:
+        """The same adapter with each module's scaling folded into B (scaling 1.0), cast to `dtype`, in page-ready
+        layout (B's transpose contiguous) and, with `pin`, in pinned memory: what a device pool copies as is."""
+        modules = {}
+        for name, m in self.modules.items():
+            a, bt = m.lora_A.to(dtype).contiguous(), (m.lora_B.T * m.scaling).to(dtype).contiguous()
+            if pin:
+                a, bt = a.pin_memory(), bt.pin_memory()
+            modules[name] = LoraModule(lora_A=a, lora_B=bt.T, scaling=1.0)
+        return LoraWeights(config=self.config, modules=modules)
+
 
 def _pattern_value(patterns: dict, module: str, default):
     for key, value in patterns.items():

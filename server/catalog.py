@@ -37,12 +37,14 @@ class AdapterCatalog:
     """Every servable adapter of one base model, on disk and in memory."""
 
     def __init__(self, store: AdapterStore, registry: AdapterRegistry, base_model_id: str,
-                 layer_shapes: dict[str, tuple[int, int]], max_rank: int, on_retire: Callable[[], None]):  # fmt: skip
+                 layer_shapes: dict[str, tuple[int, int]], max_rank: int, on_retire: Callable[[], None],
+                 prepare: Callable[[LoraWeights], LoraWeights] = lambda weights: weights):  # fmt: skip
         """`layer_shapes`: {module path: (in, out)} of the base model's adaptable layers; `on_retire()` tells the
-        engine that a version was replaced or deleted (its pool pages can go once unused)."""
+        engine that a version was replaced or deleted (its pool pages can go once unused); `prepare` turns validated
+        weights into what the host tier keeps (the device pool's `prepare`: pre-cast, pre-scaled, pinned)."""
         self.store, self.registry = store, registry
         self.base_model_id, self.layer_shapes, self.max_rank = base_model_id, layer_shapes, max_rank
-        self.on_retire = on_retire
+        self.on_retire, self.prepare = on_retire, prepare
         self._locks: dict[str, asyncio.Lock] = {}
 
     # ---- reading ----------------------------------------------------------------------------
@@ -76,6 +78,10 @@ class AdapterCatalog:
         """A fresh directory on the store's filesystem, for an upload to be assembled in."""
         return self.store.scratch_dir()
 
+    def load(self, directory: Path) -> LoraWeights:
+        """Read and validate a PEFT directory against the base model (AdapterError), prepared for the host tier."""
+        return self.prepare(load_peft_adapter(directory, self.layer_shapes, self.max_rank))
+
     # ---- writing ----------------------------------------------------------------------------
 
     async def add(self, name: str, adapter_dir: Path, overwrite: bool, problems: list[str] = ()) -> Adapter:
@@ -87,7 +93,7 @@ class AdapterCatalog:
         """
         problems = [p for p in [name_problem(name)] if p] + list(problems)
         try:
-            weights = await in_thread(load_peft_adapter, adapter_dir, self.layer_shapes, self.max_rank)
+            weights = await in_thread(self.load, adapter_dir)
         except AdapterError as e:
             raise AdapterError(problems + e.problems) from None
         if problems:
@@ -138,7 +144,7 @@ class AdapterCatalog:
                 log.error("skipping adapter directory %s: not a valid adapter name", sub.name)
                 continue
             try:
-                weights = load_peft_adapter(sub, self.layer_shapes, self.max_rank)
+                weights = self.load(sub)
                 files = [sub / CONFIG_NAME, sub / WEIGHTS_NAME]
                 self.registry.add(sub.name, weights, path=sub, sha256=file_sha256(files[1]),
                                   size_bytes=sum(f.stat().st_size for f in files))  # fmt: skip

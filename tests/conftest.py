@@ -7,6 +7,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 
 from tests.live import LiveServer, start_server, tiny_settings
 from tests.tiny import make_model_dir, make_peft_adapter
@@ -59,3 +60,12 @@ def server(request, tmp_path_factory, llama_dir) -> Iterator[LiveServer]:
 def client(server) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=server.url, timeout=60) as c:
         yield c
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> torch.device:
+    """Each device this machine has: the CPU always, CUDA when present."""
+    return torch.device(request.param)

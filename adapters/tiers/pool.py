@@ -6,10 +6,16 @@ gather by page), so adapters of different ranks share the pool without fragmenta
 Resident adapters stay after their last request (a warm cache) and are evicted
 least-recently-used when pages run out; an adapter in use is never evicted. Only the engine
 thread calls this.
+
+Page numbers are host integers (a step stages them without reading the device). On CUDA an adapter's rows are
+copied on a stream of the pool's own from pinned host memory (`prepare` makes the host tier's copy pinned,
+pre-cast and pre-scaled), and the next forward waits for that copy on the device (`wait_loaded`), not the host
+(S-LoRA and LoRAX prefetch adapters the same way).
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -28,7 +34,7 @@ class PoolFull(RuntimeError):
 class _Resident:
     adapter: Adapter
     weights: LoraWeights
-    pages: torch.Tensor
+    pages: tuple[int, ...]
     users: int = 0
 
 
@@ -44,14 +50,33 @@ class LoraPool:
         self._resident: OrderedDict[int, _Resident] = OrderedDict()
         self.loads = 0
         self.evictions = 0
+        first = next(iter(layers.values()), None)
+        self.dtype = first.lora_A.dtype if first is not None else torch.float32
+        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._loaded: torch.cuda.Event | None = None
+
+    def prepare(self, weights: LoraWeights) -> LoraWeights:
+        """`weights` as the host tier keeps them: in the pool's dtype, scaling folded into B, pinned on CUDA (so a
+        load is one asynchronous copy per matrix). Any thread may call it."""
+        return weights.prepared(self.dtype, pin=self.device.type == "cuda")
+
+    def wait_loaded(self) -> None:
+        """Make the device's current stream wait for the adapter copies issued so far (no host wait)."""
+        if self._loaded is not None:
+            torch.cuda.current_stream(self.device).wait_event(self._loaded)
+            self._loaded = None
 
     def resident_count(self) -> int:
         return len(self._resident)
 
+    def used_pages(self) -> int:
+        """Pages lent to resident adapters (of `pages - 1`: page 0 is the zero page)."""
+        return self.pages - 1 - len(self._free)
+
     def pages_for(self, rank: int) -> int:
         return max(1, -(-rank // self.page_size))
 
-    def acquire(self, adapter: Adapter, weights: LoraWeights) -> torch.Tensor:
+    def acquire(self, adapter: Adapter, weights: LoraWeights) -> tuple[int, ...]:
         """Make `adapter` (whose host weights are `weights`) resident and count one more user; returns its pages."""
         res = self._resident.get(adapter.key)
         if res is None:
@@ -78,10 +103,15 @@ class LoraPool:
                 break
             self._unload(victim)
             self.evictions += 1
-        pages = torch.tensor([self._free.pop() for _ in range(need)], dtype=torch.long, device=self.device)
-        rows = (pages[:, None] * self.page_size + torch.arange(self.page_size, device=self.device)).flatten()
-        for module, lm in weights.modules.items():
-            self.layers[module].write_rows(adapter.key, rows[: lm.rank], lm.lora_A, lm.lora_B, lm.scaling)
+        pages = tuple(self._free.pop() for _ in range(need))
+        flat = [p * self.page_size + g for p in pages for g in range(self.page_size)]
+        with torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext():
+            rows = torch.tensor(flat, device=self.device)
+            for module, lm in weights.modules.items():
+                self.layers[module].write_rows(adapter.key, rows[: lm.rank], lm.lora_A, lm.lora_B, lm.scaling)
+            if self._stream is not None:
+                self._loaded = torch.cuda.Event()
+                self._loaded.record(self._stream)
         res = _Resident(adapter=adapter, weights=weights, pages=pages)
         self._resident[adapter.key] = res
         self.loads += 1
@@ -89,9 +119,10 @@ class LoraPool:
 
     def _unload(self, key: int) -> None:
         res = self._resident.pop(key)
+        pages = torch.tensor(res.pages, device=self.device)
         for module in res.weights.modules:
-            self.layers[module].clear_pages(key, res.pages)
-        self._free.extend(res.pages.tolist())
+            self.layers[module].clear_pages(key, pages)
+        self._free.extend(res.pages)
 
     def drop_unused(self) -> None:
         """Free the pages of retired adapters that no request uses any more."""

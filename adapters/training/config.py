@@ -103,6 +103,8 @@ class TrainConfig(Hyperparameters):
     """Seeds the adapter's initialization, the data order and dropout."""
     dtype: DtypeName = "float32"
     """The base model's dtype: float32 | bfloat16 | float16 (lora's A and B train in float32)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the run puts its copy of the model: auto (cuda when present), cpu or cuda."""
     checkpoint_dir: Path | None = None
     """Where checkpoints go; a checkpoint already there is resumed from."""
     max_examples: int | None = Field(None, ge=1)

@@ -40,7 +40,7 @@ SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with
 # fields that do not change a run's trajectory: a checkpoint resumes across changes to these
 _RESUMABLE_ACROSS = {
     "out_dir", "checkpoint_dir", "checkpoint_every", "export_rank", "train_file", "validation_file", "max_examples",
-    "gradient_checkpointing",
+    "gradient_checkpointing", "device",
 }  # fmt: skip
 
 
@@ -75,7 +75,8 @@ class Trainer:
         self, cfg: TrainConfig, emit: Callable[[dict], None] | None = None, device: torch.device | None = None
     ):
         self.cfg, self.emit = cfg, emit or (lambda event: None)
-        self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        auto = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = device or torch.device(auto if cfg.device == "auto" else cfg.device)
         tokenizer = AutoTokenizer.from_pretrained(cfg.model)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         examples = read_rows(cfg.train_file, tokenizer, cfg.max_length, cfg.max_examples)

@@ -18,15 +18,18 @@ class _Config(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
 
+Device = Literal["auto", "cuda", "cpu"]
+
+
 class ModelConfig(_Config):
-    """The base model: what and where."""
+    """The base model: what, where, in which dtype."""
 
     model: str | None = None
     """Base model: an HF model directory or hub id; unset means the embedded SmolLM2-135M-Instruct."""
-    device: str = "auto"
+    device: Device = "auto"
     """cuda, cpu, or auto (cuda when present)."""
-    dtype: DtypeName = "float32"
-    """Weights and activations: float32, bfloat16 or float16."""
+    dtype: Literal["auto", DtypeName] = "auto"
+    """Weights and activations: auto (bfloat16 on CUDA, float32 on the CPU), float32, bfloat16 or float16."""
 
 
 class SchedulerConfig(_Config):
@@ -101,5 +104,17 @@ class CpuConfig(_Config):
     """Torch intra-op threads for the engine (default: torch's choice)."""
 
 
-class EngineConfig(CpuConfig, MergeConfig, LoraConfig, SchedulerConfig):
+class DeviceConfig(_Config):
+    """What the engine may take of its device."""
+
+    memory_fraction: float | None = Field(None, gt=0, le=1)
+    """Share of the device's memory (host memory on the CPU) for the weights, activations, KV cache and LoRA pool
+    (vLLM's gpu_memory_utilization): the cache's rows and the pool's pages are sized to fit it, max_num_seqs and
+    lora_pages their upper bounds. Unset: 0.9 on CUDA; on the CPU the configured sizes, unchecked."""
+    cuda_graphs: bool = False
+    """CUDA: capture each decode step's forward as a CUDA graph, one per batch/length bucket (off until verified on
+    a GPU: benchmarks/gpu_check.py)."""
+
+
+class EngineConfig(DeviceConfig, CpuConfig, MergeConfig, LoraConfig, SchedulerConfig):
     """Everything the engine is built with (each piece reads its own concern's fields)."""

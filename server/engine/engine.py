@@ -11,13 +11,16 @@ stop rules and emission are the `OutputProcessor`'s. Outputs go back through eac
 from __future__ import annotations
 
 import logging
+import random
 import threading
 from collections import deque
+from collections.abc import Callable
 
 import torch
 
 from adapters.tiers.pool import LoraPool
 from server.engine.config import EngineConfig
+from server.engine.memory import plan_memory
 from server.engine.merge import AutoMerger
 from server.engine.model import BaseModel
 from server.engine.output import OutputProcessor
@@ -34,6 +37,11 @@ class Engine:
 
     def __init__(self, base: BaseModel, config: EngineConfig):
         self.base = base
+        # the memory budget, where one is set, sizes the KV cache and the LoRA pool (server.engine.memory)
+        self.memory = plan_memory(config, base.model, min(config.max_model_len, base.max_model_len), base.device)
+        if self.memory is not None:
+            config = config.model_copy(update={"max_num_seqs": self.memory.kv_rows,
+                                               "lora_pages": self.memory.lora_pages})  # fmt: skip
         self.config = config
         self.runner = ModelRunner(base, config)
         self.max_len = self.runner.max_len
@@ -42,7 +50,7 @@ class Engine:
         gen_eos = getattr(model.generation_config, "eos_token_id", None) if model.generation_config else None
         eos = {base.tokenizer.eos_token_id} | set(gen_eos if isinstance(gen_eos, list) else [gen_eos])
         self.scheduler = Scheduler(config, self.runner.pool, self.runner.cache)
-        self.outputs = OutputProcessor(sorted(e for e in eos if e is not None), self.max_len)
+        self.outputs = OutputProcessor(sorted(e for e in eos if e is not None), self.max_len, self.runner.buffers)
 
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -112,9 +120,10 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout)
 
-    def warmup(self) -> None:
-        """Compile and run every kind of forward before traffic (see ModelRunner.warmup)."""
-        self.runner.warmup()
+    def warmup(self, progress: Callable[[int, int], None] = lambda done, total: None) -> None:
+        """Compile and run every kind of forward before traffic (see ModelRunner.warmup); `progress(done, total)`
+        after each warm-up forward."""
+        self.runner.warmup(progress)
 
     # ---- engine thread ----------------------------------------------------------------------
 
@@ -160,7 +169,7 @@ class Engine:
         if req.params.temperature > 0:
             seed = req.params.seed
             gen = torch.Generator(device=self.device)
-            gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
+            gen.manual_seed(seed if seed is not None else random.getrandbits(62))
         return Sequence(req=req, stream=TextStream(self.base.tokenizer, req.params.stop), generator=gen)
 
     def _step(self) -> None:
@@ -179,6 +188,7 @@ class Engine:
 
     def _prefill(self, new: list[Sequence]) -> None:
         row0 = self.scheduler.start(new)  # from here on a failure answers them with the running batch
+        self.outputs.stage(new)
         logits = self.runner.prefill(row0, [s.req.prompt_ids for s in new], [s.adapter_pages() for s in new])
         for s in new:
             s.num_cached = len(s.req.prompt_ids)
@@ -192,9 +202,12 @@ class Engine:
         if left - take == 1:
             take -= 1  # no chunk of one token: it would look like a decode step (another compiled graph)
         ids = s.req.prompt_ids[s.num_cached : s.num_cached + take]
+        last = s.num_cached + len(ids) == len(s.req.prompt_ids)
+        if last:
+            self.outputs.stage([s])
         logits = self.runner.prefill_chunk(self.scheduler.chunk_row, ids, s.num_cached, s.adapter_pages())
         s.num_cached += len(ids)
-        if s.num_cached < len(s.req.prompt_ids):
+        if not last:
             return
         self.scheduler.finish_partial()
         self.prompt_tokens += s.num_cached
@@ -204,6 +217,7 @@ class Engine:
         seqs = list(self.scheduler.running)
         if self.merger:
             self.merger.observe([s.single_adapter() for s in seqs])
+        self.outputs.stage(seqs)
         logits = self.runner.decode(
             [s.output_ids[-1] for s in seqs], [s.num_cached for s in seqs], [s.adapter_pages() for s in seqs]
         )

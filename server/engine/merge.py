@@ -4,10 +4,11 @@ When one adapter serves (nearly) every running sequence for `window` decode step
 delta is folded into the base weights, `W' = W + s·B·A`, so its requests pay nothing extra.
 The batch still serves every other request correctly: their deltas are taken relative to the
 merged weights, i.e. each other row also applies the merged adapter's pages with weight -1 (a
-composition that includes it at weight w applies w - 1). When traffic mixes again the layers
-point back at their original weight tensors, which were never written: unmerging restores the base
-bit for bit, however many cycles run. A layer that keeps a derived copy of its weight (oneDNN's packed
-layout) renews it through `MultiLoraLinear.base_changed` either way.
+composition that includes it at weight w applies w - 1). The merge writes the weights in place, after
+copying them to the host (pinned on CUDA): no tensor a forward reads is ever replaced, so compiled graphs
+and captured CUDA graphs keep reading the same memory. When traffic mixes again the copies are written
+back: unmerging restores the base bit for bit, however many cycles run. A layer that keeps a derived copy
+of its weight (oneDNN's packed layout, CPU only) renews it through `MultiLoraLinear.base_changed`.
 """
 
 from __future__ import annotations
@@ -30,13 +31,13 @@ class AutoMerger:
         self.layers, self.pool = layers, pool
         self.threshold, self.window = threshold, window
         self.merged: Adapter | None = None
-        self.merged_pages: torch.Tensor | None = None
-        self._originals: dict[str, torch.Tensor] = {}  # each merged layer's own weight tensor
+        self.merged_pages: tuple[int, ...] | None = None
+        self._backups: dict[str, torch.Tensor] = {}  # each merged layer's weight before the merge, on the host
         self._history: deque[tuple[Adapter | None, float]] = deque(maxlen=window)
         self.merges = 0
         self.unmerges = 0
 
-    def observe(self, singles: list[tuple[Adapter, torch.Tensor, LoraWeights] | None]) -> None:
+    def observe(self, singles: list[tuple[Adapter, tuple[int, ...], LoraWeights] | None]) -> None:
         """One decode step's rows: (adapter, its pages, its weights) for a row served by exactly one
         adapter at weight 1, else None. Merges or unmerges between steps when the traffic says so."""
         counts = Counter(s[0] for s in singles if s is not None)
@@ -51,34 +52,36 @@ class AutoMerger:
             _, pages, weights = next(s for s in singles if s is not None and s[0] is top)
             self.merge(top, pages, weights)
 
-    def merge(self, adapter: Adapter, pages: torch.Tensor, weights: LoraWeights) -> None:
-        self.pool.acquire(adapter, weights)  # pinned while merged
+    def merge(self, adapter: Adapter, pages: tuple[int, ...], weights: LoraWeights) -> None:
+        self.pool.acquire(adapter, weights)  # held while merged
+        index = torch.tensor(pages, device=self.pool.device)
         for module in weights.modules:
             layer = self.layers[module]
-            a = layer.lora_A[pages].flatten(0, 1)  # (K·G, in)
-            bt = layer.lora_B[pages].flatten(0, 1)  # (K·G, out): Bᵀ, scaling folded in
+            a = layer.lora_A[index].flatten(0, 1)  # (K·G, in)
+            bt = layer.lora_B[index].flatten(0, 1)  # (K·G, out): Bᵀ, scaling folded in
             w = layer.base_layer.weight
-            self._originals[module] = w.data
-            # one new tensor W + B·A (out, in); Conv1D stores (in, out)
+            backup = torch.empty(w.shape, dtype=w.dtype, pin_memory=w.is_cuda)
+            self._backups[module] = backup.copy_(w.detach(), non_blocking=True)
+            # W += B·A in place, (out, in); Conv1D stores (in, out)
             lhs, rhs = (a.T, bt) if isinstance(layer.base_layer, Conv1D) else (bt.T, a)
-            w.data = torch.addmm(w.data, lhs.to(w.dtype), rhs.to(w.dtype))
+            w.detach().addmm_(lhs.to(w.dtype), rhs.to(w.dtype))
             layer.base_changed()
         self.merged, self.merged_pages = adapter, pages
         self._history.clear()
         self.merges += 1
 
     def unmerge(self) -> None:
-        for module, weight in self._originals.items():
+        for module, backup in self._backups.items():
             layer = self.layers[module]
-            layer.base_layer.weight.data = weight
+            layer.base_layer.weight.detach().copy_(backup, non_blocking=True)
             layer.base_changed()
-        self._originals.clear()
+        self._backups.clear()
         self.pool.release(self.merged)
         self.merged, self.merged_pages = None, None
         self._history.clear()
         self.unmerges += 1
 
-    def corrected(self, uses: list[tuple[Adapter, torch.Tensor, float]]) -> list[tuple[torch.Tensor, float]]:
+    def corrected(self, uses: list[tuple[Adapter, tuple[int, ...], float]]) -> list[tuple[tuple[int, ...], float]]:
         """The (pages, weight) a row must apply on top of the current (possibly merged) weights."""
         m = self.merged
         if m is None:

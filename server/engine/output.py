@@ -1,35 +1,49 @@
 """Output processing: from a step's logits to each sequence's next token, its stop and length rules, its released
-text, and the `RequestOutput` it emits (vLLM's output processor and stop checker, in the engine thread)."""
+text, and the `RequestOutput` it emits (vLLM's output processor and stop checker, in the engine thread).
+
+The rows' sampling parameters go to the device with the step's other inputs (`stage`, before the runner's
+forward uploads the step buffers); the chosen tokens, with their logprobs when asked for, come back in one copy.
+"""
 
 from __future__ import annotations
 
 import torch
 
+from server.engine.buffers import StepBuffers
 from server.engine.request import RequestOutput
-from server.engine.sampling import TokenLogprob, sample, token_logprobs
+from server.engine.sampling import TokenLogprob, packed, sample, unpack
 from server.engine.scheduler import Sequence
 
 
 class OutputProcessor:
-    def __init__(self, eos_ids: list[int], max_len: int):
-        self.eos_ids, self.max_len = eos_ids, max_len
+    def __init__(self, eos_ids: list[int], max_len: int, buffers: StepBuffers):
+        self.eos_ids, self.max_len, self.buffers = eos_ids, max_len, buffers
+        self.eos = frozenset(eos_ids)
         self.tokens_generated = 0  # read by the metrics
 
+    def stage(self, seqs: list[Sequence]) -> None:
+        """Stage the sampling parameters of `seqs` (rows 0..len-1) for the next upload."""
+        host = self.buffers.write()
+        host["temperature"][: len(seqs)] = [s.req.params.temperature for s in seqs]
+        host["top_p"][: len(seqs)] = [s.req.params.top_p for s in seqs]
+
     def process(self, seqs: list[Sequence], logits: torch.Tensor) -> list[Sequence]:
-        """Sample one token for each of `seqs` from its row of `logits` (B, vocab), emit it; returns the finished."""
+        """Sample one token for each of `seqs` from its row of `logits` (B, vocab), emit it; returns the finished.
+        The sequences' parameters were staged (`stage`) and uploaded with the step's forward."""
         tokens = self._sample(seqs, logits)
         k = max((s.req.params.logprobs for s in seqs if s.req.params.logprobs is not None), default=None)
-        lps = token_logprobs(logits, tokens, k) if k is not None else None
+        rows = packed(logits, tokens, k).tolist()  # the step's one copy to the host
         finished = []
-        for i, (s, tok) in enumerate(zip(seqs, tokens.tolist())):
+        for s, row in zip(seqs, rows):
+            tok, chosen = unpack(row, k)
             s.output_ids.append(tok)
             self.tokens_generated += 1
             p = s.req.params
             lp = None
-            if lps is not None and p.logprobs is not None:
-                lp = [TokenLogprob(lps[i].token_id, lps[i].logprob, lps[i].top[: p.logprobs])]
+            if chosen is not None and p.logprobs is not None:
+                lp = [TokenLogprob(chosen.token_id, chosen.logprob, chosen.top[: p.logprobs])]
             reason = None
-            if (tok in self.eos_ids and not p.ignore_eos) or tok in p.stop_token_ids:
+            if (tok in self.eos and not p.ignore_eos) or tok in p.stop_token_ids:
                 reason = "stop"
             delta, stopped = s.stream.push(s.output_ids)
             if stopped:
@@ -46,16 +60,16 @@ class OutputProcessor:
         return finished
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
-        dev = logits.device
-        temps = torch.tensor([s.req.params.temperature for s in seqs], device=dev)
-        top_ps = torch.tensor([s.req.params.top_p for s in seqs], device=dev)
+        n, dev = len(seqs), self.buffers.dev
+        temps, top_ps = dev["temperature"][:n], dev["top_p"][:n]
         banned = None
         short = [i for i, s in enumerate(seqs) if len(s.output_ids) < s.req.params.min_tokens]
         if short:  # min_tokens: no end of sequence yet
             banned = torch.zeros_like(logits, dtype=torch.bool)
             for i in short:
-                banned[i, self.eos_ids + seqs[i].req.params.stop_token_ids] = True
-        return sample(logits, temps, top_ps, [s.generator for s in seqs], banned)
+                banned[i, self.eos_ids + sorted(seqs[i].req.params.stop_token_ids)] = True
+        any_sampled = any(s.req.params.temperature > 0 for s in seqs)
+        return sample(logits, temps, top_ps, [s.generator for s in seqs], banned, any_sampled)
 
     @staticmethod
     def finish(seq: Sequence, reason: str, error: str | None = None) -> None:

@@ -6,13 +6,19 @@ and — with the compiled backend — one compiled decoder layer reused for ever
 LoRA pages and KV buffers are its inputs), warmed up at every shape class before traffic. Then
 each forward gets token ids, positions and, per sequence, the adapters it applies; it returns
 the logits of each sequence's last token. It knows nothing of requests or sampling.
+
+A decode step is graph-safe: its inputs live in persistent device buffers (`StepBuffers`) filled with one copy,
+its shapes come from host-side buckets (batch size when padding, key length, LoRA pages), and it reads nothing back
+to the host. With `cuda_graphs` each bucket's forward is captured once and replayed (`server.engine.cuda_graphs`).
 """
 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable, Iterator
 from functools import partial
 
+import numpy as np
 import torch
 
 from adapters.cpu.onednn import cpu_linear
@@ -21,24 +27,22 @@ from adapters.layers import LoraMapping, wrap_multi_lora
 from adapters.targets import layer_shape
 from adapters.tiers.pool import LoraPool
 from adapters.tiers.registry import Adapter
+from server.engine.buffers import StepBuffers
 from server.engine.config import EngineConfig
+from server.engine.cuda_graphs import DecodeGraphs
 from server.engine.kv_cache import ATTN_IMPLEMENTATION, SlotKVCache
 from server.engine.merge import AutoMerger
 from server.engine.model import BaseModel
 
 # what a sequence applies: (adapter, its pool pages, its weight)
-AdapterPages = list[tuple[Adapter, torch.Tensor, float]]
+AdapterPages = list[tuple[Adapter, tuple[int, ...], float]]
+MAX_COMPOSED = 17  # adapters one request may apply: `model` plus a composition of 16 (server.http.protocol)
+KV_ALIGN = 16  # key lengths are rounded up to this (aligned rows for the attention kernels)
 
 
 def _bucket(n: int) -> int:
-    """Round a page count up to a power of two, so compiled kernels see few distinct shapes."""
+    """Round up to a power of two, so compiled kernels (and captured graphs) see few distinct shapes."""
     return 1 << max(0, (n - 1).bit_length())
-
-
-def _all_equal(rows: list[list[tuple[torch.Tensor, float]]]) -> bool:
-    """Whether every sequence applies the same pages with the same weights."""
-    keys = {tuple((tuple(pages.tolist()), w) for pages, w in r) for r in rows}
-    return len(keys) == 1
 
 
 class ModelRunner:
@@ -54,7 +58,8 @@ class ModelRunner:
         # the frozen layers' kernels, chosen once: oneDNN (on packed weights) for fp32 nn.Linear on the CPU
         frozen = partial(cpu_linear, pack=config.pack_weights)
         self.lm_head = frozen(model.get_output_embeddings())
-        self.lora_mapping = LoraMapping(check_targets=config.lora_backend == "eager")
+        # which layers an adapter targets is a Python-set test: only eager, uncaptured forwards can make it
+        self.lora_mapping = LoraMapping(check_targets=config.lora_backend == "eager" and not config.cuda_graphs)
         lora_dtype = None if config.lora_dtype == "auto" else torch_dtype(config.lora_dtype)
         self.layers = wrap_multi_lora(
             model, self.lora_mapping, config.lora_pages, config.lora_page_size, lora_dtype, base=frozen
@@ -64,11 +69,24 @@ class ModelRunner:
             AutoMerger(self.layers, self.pool, config.merge_threshold, config.merge_window) if config.auto_merge else None
         )
         self.dtype = next(model.parameters()).dtype
-        self.cache = SlotKVCache(config.max_num_seqs, self.max_len, self.dtype, base.device)
-        kv_heads = getattr(model.config, "num_key_value_heads", None) or model.config.num_attention_heads
+        # rows 0..max_num_seqs-1 for sequences, one more for the padding rows of a bucketed decode batch to write to
+        self.scratch_row = config.max_num_seqs
+        self.cache = SlotKVCache(config.max_num_seqs + 1, self.max_len, self.dtype, base.device)
+        heads = model.config.num_attention_heads
+        kv_heads = getattr(model.config, "num_key_value_heads", None) or heads
         for m in model.modules():
             if hasattr(m, "layer_idx") and hasattr(m, "head_dim"):  # the attention modules
                 self.cache.attach(m, kv_heads, m.head_dim)
+        rows, per_adapter = config.max_num_seqs, -(-config.max_lora_rank // config.lora_page_size)
+        self.max_pages = _bucket((MAX_COMPOSED + 1) * per_adapter)  # + the merged adapter's correction
+        self.buffers = StepBuffers({
+            "ids": (torch.long, (rows,)), "positions": (torch.long, (rows,)), "cache_rows": (torch.long, (rows,)),
+            "lengths": (torch.long, (rows,)), "pages": (torch.long, (rows, self.max_pages)),
+            "page_weights": (torch.float32, (rows, self.max_pages)),
+            "temperature": (torch.float32, (rows,)), "top_p": (torch.float32, (rows,)),
+        }, base.device)  # fmt: skip
+        self.pad_batches = config.cuda_graphs  # padding buys nothing without captured graphs
+        self.graphs = DecodeGraphs(base.device) if config.cuda_graphs and base.device.type == "cuda" else None
         if config.lora_backend == "compiled":
             self.enter_thread()
             blocks = set(getattr(model, "_no_split_modules", None) or ())
@@ -89,51 +107,77 @@ class ModelRunner:
         """{module path: (in, out)} of every adaptable layer, for validating adapters."""
         return {name: layer_shape(layer.base_layer) for name, layer in self.layers.items()}
 
-    def warmup(self) -> None:
+    def warmup(self, progress: Callable[[int, int], None] = lambda done, total: None) -> None:
         """Run every kind of forward (prefill and decode, with and without LoRA pages) at several
-        sizes, so that the compiled graphs exist, shape-generic, before traffic."""
-        # batch 1 specializes apart from batch >= 2, so each gets two prompt lengths / cache lengths
-        sizes = [(n, t, kv) for n in sorted({1, min(2, self.config.max_num_seqs), min(3, self.config.max_num_seqs)})
-                 for t, kv in ((3, 3), (5, 5), (1, 4), (1, 6))]
+        sizes, so that the compiled graphs exist, shape-generic, before traffic; `progress(done, total)` after each."""
+        steps = list(self._warm_steps())
         with torch.inference_mode():
-            for pages in (None, 1, 2):
-                for n, t, kv in sizes:
-                    # a prefill of several prompts on the same pages is one segment of LoRA rows (see _set_lora)
-                    for segments in {n, 1} if pages and t > 1 else {n}:
-                        self._warm(n, t, kv, pages, segments)
-                if self.config.prefill_chunk:  # later chunks of a long prompt, in the last row (see prefill_chunk)
-                    for t, kv in ((3, 7), (5, 11)):
-                        self._warm(1, t, kv, pages, 1, row0=self.config.max_num_seqs - 1)
-
-    def _warm(self, n: int, t: int, kv: int, pages: int | None, segments: int, row0: int | None = None) -> None:
-        """One forward of n sequences of t new tokens each, attending to kv, with `pages` zero LoRA pages per segment
-        (t > 1: a prefill, or with `row0` a chunk after kv - t cached tokens; t = 1: a decode step)."""
-        pos = torch.arange(kv - t, kv, device=self.device)[None].repeat(n, 1)
-        if t > 1 and row0 is None:
-            self.cache.prepare_prefill(0, n, t)
-        else:
-            self.cache.prepare_extend(row0 or 0, pos, kv)
-        if pages:  # page 0 is zero: a LoRA term that adds nothing
-            table = torch.zeros(segments, pages, dtype=torch.long, device=self.device)
-            w = torch.zeros(segments, pages, self.pool.page_size, dtype=self.dtype, device=self.device)
-            self.lora_mapping.set(table, w, frozenset(), segmented=t > 1)
-        ids = torch.full((n, t), self.pad_id, dtype=torch.long, device=self.device)
-        mask = torch.ones(n, 1, t, kv, dtype=torch.bool, device=self.device).tril(kv - t)
-        self._forward(ids, pos, mask)
+            for done, step in enumerate(steps, 1):
+                step()
+                progress(done, len(steps))
         self.lora_mapping.clear()
+
+    def _warm_steps(self) -> Iterator[Callable[[], None]]:
+        # batch 1 specializes apart from batch >= 2, so each gets two prompt lengths / cache lengths
+        batches = sorted({1, min(2, self.config.max_num_seqs), min(3, self.config.max_num_seqs)})
+        for pages in (0, 1, 2):
+            for n in batches:
+                for t in (3, 5):  # prefills: a segment per prompt, and one for all (the same pages, see _lora)
+                    for segments in {n, 1} if pages else {n}:
+                        yield partial(self._warm_prefill, n, t, pages, segments)
+                for kv in sorted({min(KV_ALIGN, self.max_len), min(2 * KV_ALIGN, self.max_len)}):  # decode steps
+                    yield partial(self._warm_decode, n, kv, pages)
+            if self.config.prefill_chunk:  # later chunks of a long prompt, in the last row (see prefill_chunk)
+                for t, start in ((3, 4), (5, 6)):
+                    yield partial(self._warm_chunk, t, start, pages)
+
+    def _warm_chunk(self, t: int, start: int, pages: int) -> None:
+        ids = torch.full((1, t), self.pad_id, dtype=torch.long, device=self.device)
+        pos = torch.arange(start, start + t, device=self.device)[None]
+        self._extend(self.config.max_num_seqs - 1, ids, pos, start + t, self._zero_lora(1, pages))
+
+    def _warm_decode(self, n: int, kv: int, pages: int) -> None:
+        """A decode step of rows 0..n-1 at position kv - 1, on `pages` zero pages (page 0 adds nothing)."""
+        host = self.buffers.write()
+        host["ids"][:n], host["positions"][:n], host["cache_rows"][:n] = self.pad_id, kv - 1, np.arange(n)
+        host["lengths"][:n], host["pages"][:n], host["page_weights"][:n] = kv, 0, 0.0
+        self.buffers.upload()
+        self._decode_forward(n, kv, pages, frozenset())
+
+    def _zero_lora(self, segments: int, pages: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """`pages` zero pages (page 0 adds nothing) for each of `segments` rows, or None for no LoRA term."""
+        if not pages:
+            return None
+        zeros = torch.zeros(segments, pages, dtype=torch.long, device=self.device)
+        return zeros, zeros.to(self.dtype)
+
+    def _warm_prefill(self, n: int, t: int, pages: int, segments: int) -> None:
+        self.cache.prepare_prefill(0, n, t)
+        self._set_mapping(self._zero_lora(segments, pages), frozenset(), segmented=True)
+        self._forward(torch.full((n, t), self.pad_id, dtype=torch.long, device=self.device),
+                      torch.arange(t, device=self.device)[None].expand(n, t))  # fmt: skip
+        self.lora_mapping.clear()
+
+    # ---- forwards -------------------------------------------------------------------------------
 
     def prefill(self, row0: int, prompts: list[list[int]], adapters: list[AdapterPages]) -> torch.Tensor:
         """Prompts into cache rows row0.. (right-padded); returns (n, vocab) float32 last-token logits."""
         n, lens = len(prompts), [len(p) for p in prompts]
         t = max(lens)
-        ids = torch.full((n, t), self.pad_id, dtype=torch.long)
+        ids = np.full((n, t), self.pad_id, dtype=np.int64)
         for i, p in enumerate(prompts):
-            ids[i, : lens[i]] = torch.tensor(p)
-        positions = torch.arange(t, device=self.device)[None].expand(n, t)
-        mask = torch.ones(t, t, dtype=torch.bool, device=self.device).tril()[None, None].repeat(n, 1, 1, 1)
+            ids[i, : lens[i]] = p
+        self.buffers.upload()  # the sampling fields staged for these sequences
+        self.pool.wait_loaded()  # adapter pages copied on the pool's stream are in place before the step reads them
         self.cache.prepare_prefill(row0, n, t)
-        hidden = self._forward_with_lora(ids.to(self.device), positions, mask, adapters, segmented=True)
-        last = hidden[torch.arange(n, device=self.device), torch.tensor(lens, device=self.device) - 1]
+        lora, keys = self._lora(adapters, segmented=True)
+        self._set_mapping(lora, keys, segmented=True)
+        positions = torch.arange(t, device=self.device)[None].expand(n, t)
+        try:
+            hidden = self._forward(self._to_device(ids), positions)
+        finally:
+            self.lora_mapping.clear()
+        last = hidden[torch.arange(n, device=self.device), self._to_device(np.array(lens)) - 1]
         return self._logits(last)
 
     def prefill_chunk(self, row: int, ids: list[int], start: int, adapters: AdapterPages) -> torch.Tensor:
@@ -141,58 +185,120 @@ class ModelRunner:
         cached (vLLM's chunked prefill); returns (1, vocab) float32 logits of the last one."""
         if start == 0:
             return self.prefill(row, [ids], [adapters])
+        self.buffers.upload()
+        self.pool.wait_loaded()
+        lora, keys = self._lora([adapters], segmented=True)
         pos = torch.arange(start, start + len(ids), device=self.device)[None]  # (1, t)
-        return self._extend(row, [ids], pos, start + len(ids), [adapters], segmented=True)
+        return self._extend(row, self._to_device(np.array([ids])), pos, start + len(ids), lora, keys)
+
+    def _extend(self, row: int, ids: torch.Tensor, pos: torch.Tensor, kv_len: int, lora,
+                keys: frozenset[int] = frozenset()) -> torch.Tensor:  # fmt: skip
+        """A chunk `ids` (1, t) at positions `pos` (1, t) of cache row `row`, after its cached earlier tokens,
+        attending to the first kv_len; returns the last token's (1, vocab) float32 logits."""
+        self.cache.prepare_extend(row, pos, kv_len)
+        self._set_mapping(lora, keys, segmented=True)
+        try:
+            return self._logits(self._forward(ids, pos)[:, -1])
+        finally:
+            self.lora_mapping.clear()
 
     def decode(self, tokens: list[int], positions: list[int], adapters: list[AdapterPages]) -> torch.Tensor:
-        """One token for each of cache rows 0..B-1 at `positions`; returns (B, vocab) float32 logits."""
-        pos = torch.tensor(positions, dtype=torch.long, device=self.device)[:, None]  # (B, 1)
-        return self._extend(0, [[t] for t in tokens], pos, max(positions) + 1, adapters, segmented=False)
+        """One token for each of cache rows 0..n-1 at `positions`; returns (n, vocab) float32 logits.
 
-    def _extend(self, row0: int, ids: list[list[int]], pos: torch.Tensor, kv_len: int, adapters: list[AdapterPages],
-                segmented: bool) -> torch.Tensor:  # fmt: skip
-        """Tokens `ids` at positions `pos` (n, t) of cache rows row0..row0+n-1, each attending to its cached earlier
-        tokens and its own up to its position; returns (n, vocab) float32 logits of each row's last token."""
-        mask = (torch.arange(kv_len, device=self.device) <= pos[:, :, None])[:, None]  # (n, 1, t, kv_len)
-        self.cache.prepare_extend(row0, pos, kv_len)
-        tokens = torch.tensor(ids, dtype=torch.long, device=self.device)
-        hidden = self._forward_with_lora(tokens, pos, mask, adapters, segmented)
-        return self._logits(hidden[:, -1])
+        Everything the forward reads is staged on the host and uploaded with one copy; nothing is read back."""
+        n = len(tokens)
+        b = min(_bucket(n), self.config.max_num_seqs) if self.pad_batches else n
+        host = self.buffers.write()
+        host["ids"][:n], host["ids"][n:b] = tokens, self.pad_id
+        host["positions"][:n], host["positions"][n:b] = positions, 0
+        host["cache_rows"][:n], host["cache_rows"][n:b] = np.arange(n), self.scratch_row  # padding writes there
+        host["lengths"][:n], host["lengths"][n:b] = np.asarray(positions) + 1, 1
+        k, keys = self._stage_lora(host, adapters, b)
+        self.buffers.upload()
+        self.pool.wait_loaded()
+        kv_len = self._kv_bucket(max(positions) + 1)
+        if self.graphs is not None:
+            return self.graphs.run((b, kv_len, k), lambda: self._decode_forward(b, kv_len, k, keys))[:n]
+        return self._decode_forward(b, kv_len, k, keys)[:n]
+
+    def _decode_forward(self, b: int, kv_len: int, k: int, keys: frozenset[int]) -> torch.Tensor:
+        """The decode forward of the first b staged rows, attending to kv_len keys, with k staged LoRA pages."""
+        d = self.buffers.dev
+        positions = d["positions"][:b, None]
+        self.cache.prepare_decode(d["cache_rows"][:b], positions, d["lengths"][:b], kv_len)
+        lora = (d["pages"][:b, :k], d["page_weights"][:b, :k]) if k else None
+        self._set_mapping(lora, keys, segmented=False)
+        try:
+            return self._logits(self._forward(d["ids"][:b, None], positions)[:, -1])
+        finally:
+            self.lora_mapping.clear()
+
+    def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        out = self.backbone(input_ids=input_ids, position_ids=position_ids, attention_mask=None, use_cache=True,
+                            **{self._cache_kw: self.cache})  # fmt: skip
+        return out.last_hidden_state
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
 
-    def _forward_with_lora(self, ids, positions, mask, adapters: list[AdapterPages], segmented: bool) -> torch.Tensor:
-        self._set_lora(adapters, segmented)
-        try:
-            return self._forward(ids, positions, mask)
-        finally:
-            self.lora_mapping.clear()
+    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(array).to(self.device, non_blocking=True)
 
-    def _set_lora(self, adapters: list[AdapterPages], segmented: bool) -> None:
-        """Tell every multi-LoRA layer which pool pages (and weights) each sequence uses."""
+    def _kv_bucket(self, n: int) -> int:
+        """The key length a decode step attends to: n rounded up (to a power of two with captured graphs)."""
+        aligned = -(-n // KV_ALIGN) * KV_ALIGN
+        return min(_bucket(aligned) if self.graphs is not None else aligned, self.max_len)
+
+    # ---- adapters ---------------------------------------------------------------------------
+
+    def _rows(self, adapters: list[AdapterPages]) -> list[list[tuple[tuple[int, ...], float]]]:
+        """Per sequence, the (pages, weight) it applies on top of the current (possibly merged) base weights."""
         m = self.merger
-        rows = [m.corrected(a) if m else [(p, w) for _, p, w in a] for a in adapters]
-        if not any(rows):
-            return  # base rows only (or only the merged adapter's): no LoRA term at all
-        if segmented and len(rows) > 1 and _all_equal(rows):
-            rows = rows[:1]  # every prompt on the same pages: one segment of all their tokens (two plain GEMMs)
-        k = _bucket(max(sum(p.shape[0] for p, _ in r) for r in rows))
-        table = torch.zeros(len(rows), k, dtype=torch.long, device=self.device)
-        w = torch.zeros(len(rows), k, self.pool.page_size, dtype=self.dtype, device=self.device)
+        return [m.corrected(a) if m else [(p, w) for _, p, w in a] for a in adapters]
+
+    def _keys(self, adapters: list[AdapterPages]) -> frozenset[int]:
+        keys = {a.key for seq in adapters for a, _, _ in seq}
+        if self.merger and self.merger.merged is not None:
+            keys.add(self.merger.merged.key)
+        return frozenset(keys)
+
+    @staticmethod
+    def _fill(pages: np.ndarray, weights: np.ndarray, rows: list[list[tuple[tuple[int, ...], float]]]) -> None:
         for i, r in enumerate(rows):
             col = 0
-            for pages, weight in r:
-                table[i, col : col + pages.shape[0]] = pages
-                w[i, col : col + pages.shape[0]] = weight
-                col += pages.shape[0]
-        keys = {a.key for seq in adapters for a, _, _ in seq}
-        if m and m.merged is not None:
-            keys.add(m.merged.key)
-        self.lora_mapping.set(table, w, frozenset(keys), segmented)
+            for p, w in r:
+                pages[i, col : col + len(p)] = p
+                weights[i, col : col + len(p)] = w
+                col += len(p)
 
-    def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        out = self.backbone(
-            input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=True, **{self._cache_kw: self.cache}
-        )
-        return out.last_hidden_state
+    def _lora(self, adapters: list[AdapterPages], segmented: bool):
+        """(pages, weights) device tensors of a prefill (one row per sequence, or one for all on the same pages),
+        or None without a LoRA term; and the adapter keys."""
+        rows = self._rows(adapters)
+        if not any(rows):
+            return None, frozenset()  # base rows only (or only the merged adapter's): no LoRA term at all
+        if segmented and len(rows) > 1 and all(r == rows[0] for r in rows):
+            rows = rows[:1]  # every prompt on the same pages: one segment of all their tokens (two plain GEMMs)
+        k = _bucket(max(sum(len(p) for p, _ in r) for r in rows))
+        pages, weights = np.zeros((len(rows), k), dtype=np.int64), np.zeros((len(rows), k), dtype=np.float32)
+        self._fill(pages, weights, rows)
+        return (self._to_device(pages), self._to_device(weights)), self._keys(adapters)
+
+    def _stage_lora(self, host: dict[str, np.ndarray], adapters: list[AdapterPages], b: int) -> tuple[int, frozenset]:
+        """Stage a decode step's pages and weights (rows 0..b-1); returns the page bucket (0: no LoRA term)."""
+        rows = self._rows(adapters)
+        if not any(rows):
+            return 0, frozenset()
+        k = _bucket(max(sum(len(p) for p, _ in r) for r in rows))
+        host["pages"][:b, :k], host["page_weights"][:b, :k] = 0, 0.0
+        self._fill(host["pages"], host["page_weights"], rows)
+        return k, self._keys(adapters)
+
+    def _set_mapping(self, lora, keys: frozenset[int], segmented: bool) -> None:
+        if lora is None:
+            self.lora_mapping.clear()
+            return
+        pages, weights = lora
+        g = self.pool.page_size
+        weights = weights.to(self.dtype)[:, :, None].expand(-1, -1, g)  # (R, K, G): one weight per page's rows
+        self.lora_mapping.set(pages, weights, keys, segmented)

@@ -3,7 +3,9 @@
 Greedy (`temperature == 0`), temperature and nucleus (top_p) sampling are vectorised over the
 batch. Each sampling row draws its one uniform number from its own `torch.Generator`, so what a
 seeded request gets does not depend on which rows share its batch. Logprobs are those of the
-model's distribution (log-softmax of the raw logits), as OpenAI and vLLM report them.
+model's distribution (log-softmax of the raw logits), as OpenAI and vLLM report them. Nothing here
+reads the device: whether any row samples is the caller's host-side knowledge, and the chosen tokens
+(with their logprobs) come back in one copy (`packed` / `unpack`).
 """
 
 from __future__ import annotations
@@ -22,11 +24,14 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
-    stop_token_ids: list[int] = field(default_factory=list)
+    stop_token_ids: frozenset[int] = frozenset()  # a set: each new token is looked up in it
     ignore_eos: bool = False
     min_tokens: int = 0
     # None: no logprobs; k >= 0: the chosen token's logprob plus the top k alternatives
     logprobs: int | None = None
+
+    def __post_init__(self) -> None:
+        self.stop_token_ids = frozenset(self.stop_token_ids)
 
 
 @dataclass
@@ -42,14 +47,16 @@ def sample(
     top_ps: torch.Tensor,
     generators: list[torch.Generator | None],
     banned: torch.Tensor | None = None,
+    any_sampled: bool = True,
 ) -> torch.Tensor:
-    """Choose one token per row. logits: (B, V) float32; banned: (B, V) bool or None."""
+    """Choose one token per row. logits: (B, V) float32; banned: (B, V) bool or None; `any_sampled`: whether any
+    row's temperature is above 0 (known on the host: no read of `temperatures`)."""
     if banned is not None:
         logits = logits.masked_fill(banned, float("-inf"))
     greedy = logits.argmax(-1)
-    sampled_rows = temperatures > 0
-    if not bool(sampled_rows.any()):
+    if not any_sampled:
         return greedy
+    sampled_rows = temperatures > 0
     t = torch.where(sampled_rows, temperatures, torch.ones_like(temperatures))
     probs = torch.softmax(logits / t[:, None], dim=-1)
     sorted_p, order = probs.sort(dim=-1, descending=True)
@@ -65,13 +72,21 @@ def sample(
     return torch.where(sampled_rows, chosen, greedy)
 
 
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> list[TokenLogprob]:
-    """The chosen token's logprob and the top-k of each row."""
+def packed(logits: torch.Tensor, tokens: torch.Tensor, k: int | None) -> torch.Tensor:
+    """One tensor to copy to the host: per row the token, and with k its logprob and the top-k (ids, logprobs):
+    (B, 1) or (B, 2 + 2k) float64 (token ids below 2^53 are exact)."""
+    if k is None:
+        return tokens[:, None]
     logp = torch.log_softmax(logits.float(), dim=-1)
-    chosen = logp.gather(1, tokens[:, None]).squeeze(1).tolist()
-    top_v, top_i = logp.topk(max(k, 1), dim=-1) if k > 0 else (None, None)
-    out = []
-    for r, tok in enumerate(tokens.tolist()):
-        top = list(zip(top_i[r].tolist(), top_v[r].tolist())) if k > 0 else []
-        out.append(TokenLogprob(token_id=tok, logprob=chosen[r], top=top))
-    return out
+    chosen = logp.gather(1, tokens[:, None])
+    top_v, top_i = logp.topk(k, dim=-1) if k > 0 else (logp[:, :0], tokens[:, None][:, :0])
+    return torch.cat([tokens[:, None].double(), chosen.double(), top_i.double(), top_v.double()], 1)
+
+
+def unpack(row: list[float], k: int | None) -> tuple[int, TokenLogprob | None]:
+    """A row of `packed`, back on the host: (token, its logprob and top-k, or None without k)."""
+    token = int(row[0])
+    if k is None:
+        return token, None
+    ids, values = row[2 : 2 + k], row[2 + k :]
+    return token, TokenLogprob(token_id=token, logprob=row[1], top=[(int(i), v) for i, v in zip(ids, values)])

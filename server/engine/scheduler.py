@@ -33,7 +33,7 @@ class Sequence:
     req: GenerationRequest
     stream: TextStream
     generator: torch.Generator | None
-    leases: list[tuple[AdapterUse, torch.Tensor]] = field(default_factory=list)
+    leases: list[tuple[AdapterUse, tuple[int, ...]]] = field(default_factory=list)
     """Each adapter this sequence holds in the device pool, with its pages."""
     output_ids: list[int] = field(default_factory=list)
     num_cached: int = 0
@@ -42,7 +42,7 @@ class Sequence:
     def adapter_pages(self) -> AdapterPages:
         return [(use.adapter, pages, use.weight) for use, pages in self.leases]
 
-    def single_adapter(self) -> tuple[Adapter, torch.Tensor, LoraWeights] | None:
+    def single_adapter(self) -> tuple[Adapter, tuple[int, ...], LoraWeights] | None:
         """(adapter, pages, weights) when exactly one adapter serves this sequence, at weight 1; else None."""
         if len(self.leases) == 1 and self.leases[0][0].weight == 1.0:
             use, pages = self.leases[0]

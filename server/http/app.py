@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from adapters.peft_io import load_peft_adapter
 from adapters.tiers.registry import AdapterRegistry
 from adapters.tiers.store import AdapterStore
 from server.catalog import AdapterCatalog
@@ -42,8 +43,11 @@ def start_engine(state: AppState) -> None:
         state.base = base = load_base_model(s.model, cache_dir=s.model_cache_dir, device=s.device, dtype=s.dtype,
                                             max_model_len=s.max_model_len)  # fmt: skip
         state.engine = engine = Engine(base, s.section(EngineConfig))
+        prepare = engine.pool.prepare  # the host tier keeps adapters as the device pool copies them
+        state.registry = AdapterRegistry(host_bytes=s.host_adapter_bytes, loader=lambda path: prepare(
+            load_peft_adapter(path)))  # a host-tier miss: read again from disk (validated when it arrived)
         catalog = AdapterCatalog(state.store, state.registry, base.model_id, engine.layer_shapes(), s.max_lora_rank,
-                                 on_retire=engine.drop_retired)  # fmt: skip
+                                 on_retire=engine.drop_retired, prepare=prepare)  # fmt: skip
         catalog.register_stored()
         if s.adapter_dir:
             catalog.register_directory(s.adapter_dir)
@@ -61,6 +65,8 @@ def start_engine(state: AppState) -> None:
             adapters_resident=pool.resident_count,
             adapter_loads=lambda: pool.loads,
             adapter_evictions=lambda: pool.evictions,
+            kv_cache_rows=lambda: engine.config.max_num_seqs,
+            lora_pool_pages=lambda: engine.config.lora_pages,
         )
         if merger := engine.merger:
             m.bind(merged=lambda: merger.merged is not None, merges=lambda: merger.merges,
@@ -83,7 +89,6 @@ def create_app(settings: Settings) -> FastAPI:
     state = AppState(
         settings=settings,
         store=AdapterStore(settings.data_dir / "adapters"),
-        registry=AdapterRegistry(host_bytes=settings.host_adapter_bytes),
         jobs=jobs_db,
         job_service=job_service,
         api_keys=load_api_keys(settings.api_keys_file),

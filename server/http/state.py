@@ -33,12 +33,12 @@ class AppState:
 
     settings: Settings
     store: AdapterStore
-    registry: AdapterRegistry
     jobs: JobStore
     job_service: JobService
     api_keys: dict[str, set[str]] | None = None
     metrics: Metrics = field(default_factory=Metrics)
     # filled in once the model is loaded
+    registry: AdapterRegistry | None = None
     base: BaseModel | None = None
     engine: Engine | None = None
     async_engine: AsyncEngine | None = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -24,3 +25,6 @@ class JobsConfig(BaseModel):
     """Torch threads of each training worker process (serving keeps the rest)."""
     training_nice: int = Field(10, ge=0, le=19)
     """Niceness of training worker processes: serving keeps priority on shared cores."""
+    training_device: Literal["cpu", "cuda"] = "cpu"
+    """Where training workers put their own copy of the model: the CPU unless set to cuda (a job on the serving GPU
+    takes memory the engine's budget does not know of)."""

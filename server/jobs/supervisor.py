@@ -144,6 +144,7 @@ class JobSupervisor:
             "out_dir": str(work / "adapter"),
             "checkpoint_dir": str(work / "checkpoint"),
             "method": job.method.get("type", "lora"),
+            "device": self.config.training_device,
             "seed": job.seed,
             "threads": self.config.training_threads,
             "nice": self.config.training_nice,

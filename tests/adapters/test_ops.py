@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from adapters.cpu.onednn import onednn_linear
-from adapters.ops import lora_gathered, lora_reference, lora_segmented
+from adapters.ops import lora_gathered, lora_grouped, lora_reference, lora_segmented
 
 G = 8  # rows per page in these tests
 
@@ -125,3 +125,55 @@ def test_narrow_pages_are_widened_as_read(dtype):
     torch.testing.assert_close(compiled(x, a, bt, idx, w), ref, rtol=1e-4, atol=1e-4)
     seg_pages, seg_w = token_map(owned, seqs)
     torch.testing.assert_close(lora_segmented(x, a, bt, seg_pages, seg_w), ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_op_on_each_device_and_dtype(device, dtype):
+    """Activations and pages in `dtype` on `device`: every op against the reference computed in float64."""
+    a, bt, owned = make_pool(24, 32, 48, [4, 16, 9])
+    seqs = [[(0, 1.0)], [], [(1, 1.0)], [(2, 0.7), (0, -0.3)]]
+    t = 3
+    x = torch.randn(len(seqs) * t, 32)
+    idx, w = token_map(owned, [c for c in seqs for _ in range(t)])
+    seg_pages, seg_w = token_map(owned, seqs)
+    ref = lora_reference(x.double(), a.to(dtype).double(), bt.to(dtype).double(), idx, w.double())
+    on = dict(device=device, dtype=dtype)
+    a, bt, x, w, seg_w = a.to(**on), bt.to(**on), x.to(**on), w.to(**on), seg_w.to(**on)
+    idx, seg_pages = idx.to(device), seg_pages.to(device)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=5e-2)
+    for got in (lora_gathered(x, a, bt, idx, w), lora_segmented(x, a, bt, seg_pages, seg_w)):
+        assert got.device.type == device.type and got.dtype == dtype
+        torch.testing.assert_close(got.double().cpu(), ref, **tol)
+
+
+def groups_of(owned, choice):
+    """lora_grouped's operands for rows choosing [(adapter, weight), ...]: the distinct choices, slots, inverse."""
+    distinct = sorted({tuple(c) for c in choice})
+    members = [[i for i, c in enumerate(choice) if tuple(c) == d] for d in distinct]
+    m = max(map(len, members))
+    slots = torch.full((len(distinct), m), len(choice), dtype=torch.long)
+    inverse = torch.empty(len(choice), dtype=torch.long)
+    for g, rows in enumerate(members):
+        slots[g, : len(rows)] = torch.tensor(rows)
+        for j, row in enumerate(rows):
+            inverse[row] = g * m + j
+    pages, weights = token_map(owned, [list(d) for d in distinct])
+    return pages, weights, slots, inverse
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_matches_reference(dtype):
+    a, bt, owned = make_pool(24, 32, 48, [4, 16, 9])
+    # 4 rows on adapter 0, 2 on a composition, 1 base row, 3 on adapter 2: groups of unequal size
+    choice = [[(0, 1.0)], [(2, 1.0)], [(0, 1.0)], [], [(1, 0.5), (2, 0.5)], [(0, 1.0)], [(2, 1.0)],
+              [(1, 0.5), (2, 0.5)], [(0, 1.0)], [(2, 1.0)]]  # fmt: skip
+    x = torch.randn(len(choice), 32).to(dtype)
+    a, bt = a.to(dtype), bt.to(dtype)
+    idx, w = token_map(owned, choice)
+    ref = lora_reference(x.double(), a.double(), bt.double(), idx, w.double())
+    pages, weights, slots, inverse = groups_of(owned, choice)
+    weights = weights.to(dtype)
+    got = lora_grouped(x, a, bt, pages, weights, slots, inverse)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=5e-2)
+    torch.testing.assert_close(got.double(), ref, **tol)
+    assert got[3].abs().max() == 0  # the base row's group has only the zero page

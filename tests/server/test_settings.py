@@ -30,3 +30,17 @@ def test_environment_reaches_the_engine_config(monkeypatch, tmp_path):
 def test_bad_values_are_refused(tmp_path, key, value):
     with pytest.raises(ValidationError, match=key):
         Settings(data_dir=tmp_path, **{key: value})
+
+
+def test_device_and_dtype_choices():
+    import torch
+
+    from server.engine.model import pick_dtype
+
+    assert Settings().device == "auto" and Settings().dtype == "auto"
+    assert pick_dtype("auto", torch.device("cpu")) == "float32"
+    assert pick_dtype("auto", torch.device("cuda")) == "bfloat16"
+    assert pick_dtype("float16", torch.device("cpu")) == "float16"
+    for key, value in (("device", "tpu"), ("memory_fraction", 1.5), ("memory_fraction", 0), ("training_device", "gpu")):
+        with pytest.raises(ValidationError, match=key):
+            Settings(**{key: value})

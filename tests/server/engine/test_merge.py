@@ -37,15 +37,15 @@ def test_merges_after_a_dominant_window_and_corrects_every_other_row(setup):
     m.observe([single_a, single_a, single_a, single_a])
     assert m.merged is a and m.merges == 1
     layer = runner.layers["model.layers.0.self_attn.q_proj"]
-    rows_a = layer.lora_A[pa].flatten(0, 1)
-    rows_b = layer.lora_B[pa].flatten(0, 1)  # Bᵀ, scaled
+    rows_a = layer.lora_A[list(pa)].flatten(0, 1)
+    rows_b = layer.lora_B[list(pa)].flatten(0, 1)  # Bᵀ, scaled
     want = weights["model.layers.0.self_attn.q_proj"] + rows_b.T @ rows_a
     torch.testing.assert_close(layer.base_layer.weight, want, rtol=1e-5, atol=1e-6)
     # rows on the merged adapter add nothing; every other row takes it back out
     assert m.corrected([(a, pa, 1.0)]) == []
     assert m.corrected([]) == [(pa, -1.0)]
     (p1, w1), (p2, w2) = m.corrected([(b, pb, 1.0)])
-    assert torch.equal(p1, pb) and w1 == 1.0 and torch.equal(p2, pa) and w2 == -1.0
+    assert (p1, w1, p2, w2) == (pb, 1.0, pa, -1.0)
     assert [w for _, w in m.corrected([(a, pa, 0.5), (b, pb, 0.5)])] == [0.5, -0.5]
 
 

@@ -79,3 +79,12 @@ def test_names_in_use_conflict(service):
         service.create(JobRequest(training_file=record.id, adapter_name="same"))
     with pytest.raises(NotFound):
         service.get_job("ftjob-nope")
+
+
+def test_training_runs_on_the_cpu_unless_told_otherwise(service, tmp_path):
+    record = service.add_file(jsonl(LINES), "t.jsonl", "fine-tune")
+    job = service.create(JobRequest(training_file=record.id, adapter_name="d"))
+    service.supervisor.model_path = lambda: str(tmp_path)
+    assert service.supervisor.spec_of(job)["device"] == "cpu"
+    service.supervisor.config = JobsConfig(training_device="cuda")
+    assert service.supervisor.spec_of(job)["device"] == "cuda"
