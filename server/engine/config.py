@@ -54,6 +54,15 @@ class SchedulerConfig(_Config):
         return self
 
 
+class PrefixConfig(_Config):
+    """Automatic prefix caching: the KV of prompt blocks kept for the requests that start the same way."""
+
+    prefix_caching: bool = True
+    """Reuse the KV of prompt prefixes seen before (under the same adapters) instead of prefilling them again."""
+    prefix_cache_tokens: int = Field(16384, ge=0)
+    """Tokens of KV the prefix cache keeps at most (in blocks of 16), least recently used first out."""
+
+
 class LoraConfig(_Config):
     """Adapters in memory: the host tier's budget and the device pool's pages."""
 
@@ -116,5 +125,5 @@ class DeviceConfig(_Config):
     a GPU: benchmarks/gpu_check.py)."""
 
 
-class EngineConfig(DeviceConfig, CpuConfig, MergeConfig, LoraConfig, SchedulerConfig):
+class EngineConfig(DeviceConfig, CpuConfig, MergeConfig, LoraConfig, PrefixConfig, SchedulerConfig):
     """Everything the engine is built with (each piece reads its own concern's fields)."""

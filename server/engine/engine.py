@@ -24,6 +24,7 @@ from server.engine.memory import plan_memory
 from server.engine.merge import AutoMerger
 from server.engine.model import BaseModel
 from server.engine.output import OutputProcessor
+from server.engine.prefix_cache import BLOCK_SIZE, PrefixCache
 from server.engine.request import GenerationRequest, RequestOutput
 from server.engine.runner import ModelRunner
 from server.engine.scheduler import Scheduler, Sequence
@@ -40,8 +41,8 @@ class Engine:
         # the memory budget, where one is set, sizes the KV cache and the LoRA pool (server.engine.memory)
         self.memory = plan_memory(config, base.model, min(config.max_model_len, base.max_model_len), base.device)
         if self.memory is not None:
-            config = config.model_copy(update={"max_num_seqs": self.memory.kv_rows,
-                                               "lora_pages": self.memory.lora_pages})  # fmt: skip
+            config = config.model_copy(update={"max_num_seqs": self.memory.kv_rows, "lora_pages": self.memory.lora_pages,
+                                               "prefix_cache_tokens": self.memory.prefix_tokens})  # fmt: skip
         self.config = config
         self.runner = ModelRunner(base, config)
         self.max_len = self.runner.max_len
@@ -49,7 +50,9 @@ class Engine:
         model = base.model
         gen_eos = getattr(model.generation_config, "eos_token_id", None) if model.generation_config else None
         eos = {base.tokenizer.eos_token_id} | set(gen_eos if isinstance(gen_eos, list) else [gen_eos])
-        self.scheduler = Scheduler(config, self.runner.pool, self.runner.cache)
+        blocks = config.prefix_cache_tokens // BLOCK_SIZE if config.prefix_caching else 0
+        self.prefix = PrefixCache(self.runner.cache, blocks, BLOCK_SIZE) if blocks else None
+        self.scheduler = Scheduler(config, self.runner.pool, self.runner.cache, self.prefix)
         self.outputs = OutputProcessor(sorted(e for e in eos if e is not None), self.max_len, self.runner.buffers)
 
         self._lock = threading.Lock()
@@ -144,6 +147,8 @@ class Engine:
                         drop, self._drop_retired = self._drop_retired, False
                     if drop:
                         self.pool.drop_unused()
+                        if self.prefix is not None:
+                            self.prefix.drop_retired()
                     for req in incoming:
                         try:
                             self.scheduler.add(self._sequence(req))
@@ -184,16 +189,29 @@ class Engine:
             self._decode()
 
     def _emit(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
-        self.scheduler.retire(self.outputs.process(seqs, logits))
+        """Sample, retire the finished sequences from the batch, then emit every output (a client told its
+        request is done finds its row free)."""
+        finished, outputs = self.outputs.process(seqs, logits)
+        self.scheduler.retire(finished)
+        self.outputs.emit(seqs, outputs)
 
     def _prefill(self, new: list[Sequence]) -> None:
+        """Prefill the admitted sequences: those from position 0 together, then those after a cached prefix."""
         row0 = self.scheduler.start(new)  # from here on a failure answers them with the running batch
         self.outputs.stage(new)
-        logits = self.runner.prefill(row0, [s.req.prompt_ids for s in new], [s.adapter_pages() for s in new])
-        for s in new:
+        cold = [s for s in new if s.num_cached == 0]
+        warm = new[len(cold) :]  # the scheduler puts them last, with their cached prefix copied into their rows
+        logits = []
+        if cold:
+            logits.append(self.runner.prefill(row0, [s.req.prompt_ids for s in cold], [s.adapter_pages() for s in cold]))
+        if warm:
+            logits.append(self.runner.prefill(row0 + len(cold), [s.req.prompt_ids[s.num_cached :] for s in warm],
+                                              [s.adapter_pages() for s in warm], [s.num_cached for s in warm]))
+        for i, s in enumerate(new):
             s.num_cached = len(s.req.prompt_ids)
             self.prompt_tokens += s.num_cached
-        self._emit(new, logits)
+            self.scheduler.remember(s, row0 + i)
+        self._emit(new, torch.cat(logits) if len(logits) > 1 else logits[0])
 
     def _prefill_chunk(self) -> None:
         """The partial sequence's next `prefill_chunk` prompt tokens; after the last, it joins the running batch."""
@@ -205,7 +223,7 @@ class Engine:
         last = s.num_cached + len(ids) == len(s.req.prompt_ids)
         if last:
             self.outputs.stage([s])
-        logits = self.runner.prefill_chunk(self.scheduler.chunk_row, ids, s.num_cached, s.adapter_pages())
+        logits = self.runner.prefill(self.scheduler.chunk_row, [ids], [s.adapter_pages()], [s.num_cached])
         s.num_cached += len(ids)
         if not last:
             return

@@ -67,13 +67,14 @@ class SlotKVCache:
         valid = torch.arange(kv_len, device=lengths.device) < lengths[:, None]  # (b, kv_len)
         self.bias = _bias(valid[:, None, None, :], self.dtype)  # (b, 1, 1, kv_len): the same for every query row
 
-    def prepare_extend(self, row: int, positions: torch.Tensor, kv_len: int) -> None:
-        """Next forward: one row's cache holds its earlier tokens, t more at `positions` (1, t), each attending to
-        the keys up to its own position (a later chunk of a long prompt)."""
-        self.positions, self.row0, self.kv_len = positions, row, kv_len
-        self.rows = torch.full((1,), row, dtype=torch.long, device=positions.device)
-        valid = torch.arange(kv_len, device=positions.device) <= positions[:, :, None]  # (1, t, kv_len)
-        self.bias = _bias(valid[:, None], self.dtype)  # (1, 1, t, kv_len)
+    def prepare_extend(self, row0: int, positions: torch.Tensor, kv_len: int) -> None:
+        """Next forward: rows row0..row0+n-1 hold their earlier tokens, t more each at `positions` (n, t), each
+        attending to the keys up to its own position (a later chunk of a long prompt, prompts after a cached
+        prefix)."""
+        self.positions, self.row0, self.kv_len = positions, row0, kv_len
+        self.rows = torch.arange(row0, row0 + positions.shape[0], device=positions.device)
+        valid = torch.arange(kv_len, device=positions.device) <= positions[:, :, None]  # (n, t, kv_len)
+        self.bias = _bias(valid[:, None], self.dtype)  # (n, 1, t, kv_len)
 
     def update(self, key_states, value_states, *args, **kwargs):
         return key_states, value_states  # slot_attention writes them into the module's buffers

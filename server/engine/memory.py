@@ -2,8 +2,8 @@
 
 vLLM's `gpu_memory_utilization`: the budget is that share of the device's total memory (host memory on the CPU);
 the weights and a measured activation peak come off it first, then the LoRA pool takes what its configured pages
-need (at most a quarter of the rest) and the KV cache the remainder, in whole rows of `max_model_len` tokens, up
-to `max_num_seqs`. The activation peak is measured by one forward of the largest prefill the scheduler admits
+need (at most a quarter of the rest), the prefix cache its configured tokens (at most half of what is left then),
+and the KV cache the remainder, in whole rows of `max_model_len` tokens, up to `max_num_seqs`. The activation peak is measured by one forward of the largest prefill the scheduler admits
 (`max_prefill_tokens`), before the cache and the pool exist: on CUDA the allocator's peak, on the CPU the growth of
 the process's peak resident set.
 """
@@ -42,12 +42,15 @@ class MemoryPlan:
     kv_rows: int
     lora_page: int
     lora_pages: int
+    prefix_tokens: int = 0
+    kv_token: int = 0
 
     def describe(self) -> str:
         gib = 2**30
         return (f"memory budget {self.budget / gib:.2f} GiB: weights {self.weights / gib:.2f}, activations "
                 f"{self.activations / gib:.2f}, KV cache {self.kv_rows} rows ({self.kv_rows * self.kv_row / gib:.2f}), "
-                f"LoRA pool {self.lora_pages} pages ({self.lora_pages * self.lora_page / gib:.2f})")  # fmt: skip
+                f"LoRA pool {self.lora_pages} pages ({self.lora_pages * self.lora_page / gib:.2f}), prefix cache "
+                f"{self.prefix_tokens} tokens ({self.prefix_tokens * self.kv_token / gib:.2f})")  # fmt: skip
 
 
 def device_memory(device: torch.device) -> int:
@@ -117,7 +120,12 @@ def plan_memory(config: EngineConfig, model: torch.nn.Module, max_len: int, devi
     free = plan.budget - plan.weights - plan.activations
     need_pages = 1 + -(-config.max_lora_rank // config.lora_page_size)  # the zero page and the largest adapter
     plan.lora_pages = min(config.lora_pages, max(need_pages, int(LORA_SHARE * free) // plan.lora_page))
-    plan.kv_rows = min(config.max_num_seqs, (free - plan.lora_pages * plan.lora_page) // plan.kv_row)
+    free_kv = free - plan.lora_pages * plan.lora_page
+    plan.kv_token = plan.kv_row // max_len
+    if config.prefix_caching:
+        plan.prefix_tokens = min(config.prefix_cache_tokens, free_kv // 2 // plan.kv_token)
+        free_kv -= plan.prefix_tokens * plan.kv_token
+    plan.kv_rows = min(config.max_num_seqs, free_kv // plan.kv_row)
     if plan.kv_rows < 1 or free < need_pages * plan.lora_page:
         raise BudgetError(
             f"memory_fraction {fraction} of {device_memory(device) / 2**30:.1f} GiB leaves no room for one KV-cache row "

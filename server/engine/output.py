@@ -27,13 +27,14 @@ class OutputProcessor:
         host["temperature"][: len(seqs)] = [s.req.params.temperature for s in seqs]
         host["top_p"][: len(seqs)] = [s.req.params.top_p for s in seqs]
 
-    def process(self, seqs: list[Sequence], logits: torch.Tensor) -> list[Sequence]:
-        """Sample one token for each of `seqs` from its row of `logits` (B, vocab), emit it; returns the finished.
-        The sequences' parameters were staged (`stage`) and uploaded with the step's forward."""
+    def process(self, seqs: list[Sequence], logits: torch.Tensor) -> tuple[list[Sequence], list[RequestOutput]]:
+        """Sample one token for each of `seqs` from its row of `logits` (B, vocab); returns the finished sequences
+        and every sequence's output, to be emitted once the finished ones have left the batch (`emit`). The
+        sequences' parameters were staged (`stage`) and uploaded with the step's forward."""
         tokens = self._sample(seqs, logits)
         k = max((s.req.params.logprobs for s in seqs if s.req.params.logprobs is not None), default=None)
         rows = packed(logits, tokens, k).tolist()  # the step's one copy to the host
-        finished = []
+        finished, outputs = [], []
         for s, row in zip(seqs, rows):
             tok, chosen = unpack(row, k)
             s.output_ids.append(tok)
@@ -52,12 +53,16 @@ class OutputProcessor:
                 reason = "length"
             if reason is not None and not stopped:
                 delta += s.stream.flush(s.output_ids)
-            s.req.emit(
-                RequestOutput(s.req.request_id, delta, [tok], lp, reason, len(s.req.prompt_ids), len(s.output_ids))
-            )
+            out = RequestOutput(s.req.request_id, delta, [tok], lp, reason, len(s.req.prompt_ids), len(s.output_ids))
+            outputs.append(out)
             if reason is not None:
                 finished.append(s)
-        return finished
+        return finished, outputs
+
+    @staticmethod
+    def emit(seqs: list[Sequence], outputs: list[RequestOutput]) -> None:
+        for s, out in zip(seqs, outputs):
+            s.req.emit(out)
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
         n, dev = len(seqs), self.buffers.dev

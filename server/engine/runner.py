@@ -127,14 +127,21 @@ class ModelRunner:
                         yield partial(self._warm_prefill, n, t, pages, segments)
                 for kv in sorted({min(KV_ALIGN, self.max_len), min(2 * KV_ALIGN, self.max_len)}):  # decode steps
                     yield partial(self._warm_decode, n, kv, pages)
-            if self.config.prefill_chunk:  # later chunks of a long prompt, in the last row (see prefill_chunk)
+            # tokens after cached ones: later chunks of a long prompt (one row), prompts with a cached prefix (several)
+            rows = (1, min(2, self.config.max_num_seqs)) if self.config.prefix_caching else (1,)
+            for n in rows if self.config.prefill_chunk or self.config.prefix_caching else ():
                 for t, start in ((3, 4), (5, 6)):
-                    yield partial(self._warm_chunk, t, start, pages)
+                    for segments in {n, 1} if pages else {n}:
+                        yield partial(self._warm_chunk, n, t, start, pages, segments)
 
-    def _warm_chunk(self, t: int, start: int, pages: int) -> None:
-        ids = torch.full((1, t), self.pad_id, dtype=torch.long, device=self.device)
-        pos = torch.arange(start, start + t, device=self.device)[None]
-        self._extend(self.config.max_num_seqs - 1, ids, pos, start + t, self._zero_lora(1, pages))
+    def _warm_chunk(self, n: int, t: int, start: int, pages: int, segments: int) -> None:
+        """n rows, the last ones, each t tokens after `start` cached ones (a chunk, a cached prefix)."""
+        row0 = self.config.max_num_seqs - n
+        pos = torch.arange(start, start + t, device=self.device)[None].repeat(n, 1)
+        self.cache.prepare_extend(row0, pos, start + t)
+        self._set_mapping(self._zero_lora(segments, pages), frozenset(), segmented=True)
+        self._forward(torch.full((n, t), self.pad_id, dtype=torch.long, device=self.device), pos)
+        self.lora_mapping.clear()
 
     def _warm_decode(self, n: int, kv: int, pages: int) -> None:
         """A decode step of rows 0..n-1 at position kv - 1, on `pages` zero pages (page 0 adds nothing)."""
@@ -160,8 +167,11 @@ class ModelRunner:
 
     # ---- forwards -------------------------------------------------------------------------------
 
-    def prefill(self, row0: int, prompts: list[list[int]], adapters: list[AdapterPages]) -> torch.Tensor:
-        """Prompts into cache rows row0.. (right-padded); returns (n, vocab) float32 last-token logits."""
+    def prefill(self, row0: int, prompts: list[list[int]], adapters: list[AdapterPages],
+                starts: list[int] | None = None) -> torch.Tensor:  # fmt: skip
+        """Prompts into cache rows row0.. (right-padded); returns (n, vocab) float32 last-token logits. With `starts`
+        each row already holds its first starts[i] tokens (a cached prefix, earlier chunks of a long prompt) and
+        `prompts` are the tokens that follow them (vLLM's chunked prefill and prefix caching)."""
         n, lens = len(prompts), [len(p) for p in prompts]
         t = max(lens)
         ids = np.full((n, t), self.pad_id, dtype=np.int64)
@@ -169,38 +179,20 @@ class ModelRunner:
             ids[i, : lens[i]] = p
         self.buffers.upload()  # the sampling fields staged for these sequences
         self.pool.wait_loaded()  # adapter pages copied on the pool's stream are in place before the step reads them
-        self.cache.prepare_prefill(row0, n, t)
+        if starts is None or not any(starts):  # from position 0: causal attention over the fresh keys only
+            positions = torch.arange(t, device=self.device)[None].expand(n, t)
+            self.cache.prepare_prefill(row0, n, t)
+        else:  # after cached tokens; a padding token's position is clamped into the row (what it writes is unread)
+            positions = self._to_device(np.minimum(np.asarray(starts)[:, None] + np.arange(t), self.max_len - 1))
+            self.cache.prepare_extend(row0, positions, max(s + k for s, k in zip(starts, lens)))
         lora, keys = self._lora(adapters, segmented=True)
         self._set_mapping(lora, keys, segmented=True)
-        positions = torch.arange(t, device=self.device)[None].expand(n, t)
         try:
             hidden = self._forward(self._to_device(ids), positions)
         finally:
             self.lora_mapping.clear()
         last = hidden[torch.arange(n, device=self.device), self._to_device(np.array(lens)) - 1]
         return self._logits(last)
-
-    def prefill_chunk(self, row: int, ids: list[int], start: int, adapters: AdapterPages) -> torch.Tensor:
-        """The prompt tokens at positions start.. of the sequence in cache row `row`, whose first `start` tokens are
-        cached (vLLM's chunked prefill); returns (1, vocab) float32 logits of the last one."""
-        if start == 0:
-            return self.prefill(row, [ids], [adapters])
-        self.buffers.upload()
-        self.pool.wait_loaded()
-        lora, keys = self._lora([adapters], segmented=True)
-        pos = torch.arange(start, start + len(ids), device=self.device)[None]  # (1, t)
-        return self._extend(row, self._to_device(np.array([ids])), pos, start + len(ids), lora, keys)
-
-    def _extend(self, row: int, ids: torch.Tensor, pos: torch.Tensor, kv_len: int, lora,
-                keys: frozenset[int] = frozenset()) -> torch.Tensor:  # fmt: skip
-        """A chunk `ids` (1, t) at positions `pos` (1, t) of cache row `row`, after its cached earlier tokens,
-        attending to the first kv_len; returns the last token's (1, vocab) float32 logits."""
-        self.cache.prepare_extend(row, pos, kv_len)
-        self._set_mapping(lora, keys, segmented=True)
-        try:
-            return self._logits(self._forward(ids, pos)[:, -1])
-        finally:
-            self.lora_mapping.clear()
 
     def decode(self, tokens: list[int], positions: list[int], adapters: list[AdapterPages]) -> torch.Tensor:
         """One token for each of cache rows 0..n-1 at `positions`; returns (n, vocab) float32 logits.
@@ -242,7 +234,8 @@ class ModelRunner:
         return self.lm_head(hidden).float()
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(array).to(self.device, non_blocking=True)
+        # a copy made here (an inference tensor, as the warm-up's): compiled graphs guard on dispatch keys
+        return torch.tensor(array, device=self.device)
 
     def _kv_bucket(self, n: int) -> int:
         """The key length a decode step attends to: n rounded up (to a power of two with captured graphs)."""

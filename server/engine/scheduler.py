@@ -6,7 +6,9 @@ order while rows and the prefill's token budget last, and leases each one's adap
 unified pool: an adapter in use is never evicted). A sequence whose adapters do not fit waits for running ones to
 finish, or is refused when nothing runs. A prompt longer than `prefill_chunk` becomes the partial sequence,
 prefilled a chunk per step in the cache's last row while the others decode (vLLM's chunked prefill), one such
-prompt at a time, in arrival order. Only the engine thread calls this.
+prompt at a time, in arrival order. With prefix caching, a prompt that starts with cached blocks gets their KV
+copied into its row and only its rest is prefilled (`server.engine.prefix_cache`); prompts, and whole sequences
+once they finish, leave their blocks behind for later ones. Only the engine thread calls this.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from adapters.tiers.pool import LoraPool, PoolFull
 from adapters.tiers.registry import Adapter
 from server.engine.config import SchedulerConfig
 from server.engine.kv_cache import SlotKVCache
+from server.engine.prefix_cache import PrefixCache
 from server.engine.request import AdapterUse, GenerationRequest
 from server.engine.runner import AdapterPages
 from server.engine.text import TextStream
@@ -38,6 +41,11 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     num_cached: int = 0
     """Tokens whose K/V are in the cache."""
+    prefix: list = field(default_factory=list)
+    """Cached prompt blocks found at admission, copied into the row when it is assigned."""
+
+    def adapter_weights(self) -> list[tuple[Adapter, float]]:
+        return [(use.adapter, use.weight) for use in self.req.adapters]
 
     def adapter_pages(self) -> AdapterPages:
         return [(use.adapter, pages, use.weight) for use, pages in self.leases]
@@ -51,8 +59,8 @@ class Sequence:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, pool: LoraPool, cache: SlotKVCache):
-        self.config, self.pool, self.cache = config, pool, cache
+    def __init__(self, config: SchedulerConfig, pool: LoraPool, cache: SlotKVCache, prefix: PrefixCache | None):
+        self.config, self.pool, self.cache, self.prefix = config, pool, cache, prefix
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.partial: Sequence | None = None  # a long prompt being prefilled chunk by chunk
@@ -77,7 +85,9 @@ class Scheduler:
         chunk = self.config.prefill_chunk
         while self.waiting and len(self.running) + len(new) < self.config.max_num_seqs - (self.partial is not None):
             seq = self.waiting[0]
-            n = len(seq.req.prompt_ids)
+            prompt = seq.req.prompt_ids
+            blocks = self.prefix.lookup(prompt, seq.adapter_weights()) if self.prefix else []
+            n = len(prompt) - len(blocks) * (self.prefix.block_size if blocks else 0)  # tokens left to prefill
             long = 0 < chunk < n
             if long and self.partial is not None:
                 break  # one chunked prompt at a time, in arrival order
@@ -92,22 +102,42 @@ class Scheduler:
                 refused.append((seq, str(e)))
                 continue
             self.waiting.popleft()
+            if self.prefix:
+                self.prefix.count(len(prompt), len(prompt) - n)
+            seq.prefix = blocks
             if long:
                 self.partial = seq
+                self._copy_prefix(seq, self.chunk_row)
                 continue
             longest = max(longest, n)
             new.append(seq)
+        new.sort(key=lambda s: bool(s.prefix))  # cold prompts first: they prefill from position 0 together
         return new, refused
 
     def start(self, new: list[Sequence]) -> int:
-        """Put admitted sequences into the next free rows; returns the first one's row."""
+        """Put admitted sequences into the next free rows (with the cached blocks they start with); returns the
+        first one's row."""
         row0 = len(self.running)
         self.running.extend(new)
+        for i, seq in enumerate(new):
+            self._copy_prefix(seq, row0 + i)
         return row0
+
+    def _copy_prefix(self, seq: Sequence, row: int) -> None:
+        if seq.prefix:
+            seq.num_cached = self.prefix.copy_in(seq.prefix, row)
+            seq.prefix = []
+
+    def remember(self, seq: Sequence, row: int) -> None:
+        """Keep the blocks of `seq`'s tokens whose K/V are in cache row `row` for later prompts (prefix caching)."""
+        if self.prefix is not None:
+            tokens = (seq.req.prompt_ids + seq.output_ids)[: seq.num_cached]
+            self.prefix.insert(tokens, seq.adapter_weights(), row)
 
     def finish_partial(self) -> Sequence:
         """The partial sequence, fully prefilled, joins the running rows."""
         s, self.partial = self.partial, None
+        self.remember(s, self.chunk_row)
         if len(self.running) != self.chunk_row:
             self.cache.move_row(self.chunk_row, len(self.running), s.num_cached)
         self.running.append(s)
@@ -136,7 +166,7 @@ class Scheduler:
         for seq in gone:
             self.waiting.remove(seq)
         running = [s for s in self.running if s.req.request_id in ids]
-        self.retire(running)
+        self.retire(running, keep=False)
         gone += running
         if self.partial is not None and self.partial.req.request_id in ids:
             gone.append(self.partial)
@@ -145,11 +175,16 @@ class Scheduler:
             self.release(seq)
         return gone
 
-    def retire(self, finished: list[Sequence]) -> None:
-        """Release the finished running sequences' adapters and compact: the last running row fills each hole."""
+    def retire(self, finished: list[Sequence], keep: bool = True) -> None:
+        """Release the finished running sequences' adapters and compact: the last running row fills each hole.
+        With `keep`, their blocks stay in the prefix cache first."""
         for seq in finished:
             self.release(seq)
         gone = set(map(id, finished))
+        if keep and self.prefix is not None:
+            for row, seq in enumerate(self.running):
+                if id(seq) in gone:
+                    self.remember(seq, row)
         rows = sorted((i for i, s in enumerate(self.running) if id(s) in gone), reverse=True)
         for row in rows:
             last = len(self.running) - 1

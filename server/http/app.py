@@ -68,6 +68,9 @@ def start_engine(state: AppState) -> None:
             kv_cache_rows=lambda: engine.config.max_num_seqs,
             lora_pool_pages=lambda: engine.config.lora_pages,
         )
+        if (prefix := engine.prefix) is not None:
+            m.bind(prefix_queried=lambda: prefix.queried_tokens, prefix_hits=lambda: prefix.hit_tokens,
+                   prefix_blocks=lambda: len(prefix))  # fmt: skip
         if merger := engine.merger:
             m.bind(merged=lambda: merger.merged is not None, merges=lambda: merger.merges,
                    unmerges=lambda: merger.unmerges)  # fmt: skip

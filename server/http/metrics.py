@@ -35,6 +35,11 @@ class Metrics:
         self.jobs = Gauge("loraplex_training_jobs", "Training jobs by status", ["status"], registry=r)
         self.kv_cache_rows = Gauge("loraplex_kv_cache_rows", "KV-cache rows: sequences decoded together at most", registry=r)
         self.lora_pool_pages = Gauge("loraplex_lora_pool_pages", "Pages of the device LoRA pool", registry=r)
+        self.prefix_queried = Gauge("loraplex_prefix_cache_queried_tokens", "Prompt tokens looked up in the prefix cache",
+                                    registry=r)  # fmt: skip
+        self.prefix_hits = Gauge("loraplex_prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache",
+                                 registry=r)  # fmt: skip
+        self.prefix_blocks = Gauge("loraplex_prefix_cache_blocks", "Blocks held by the prefix cache", registry=r)
         self._labels: set[str] = set()
 
     def adapter_label(self, name: str) -> str:

@@ -105,7 +105,7 @@ def test_the_runner_forward_runs_on_the_meta_device(llama_dir, segments):
         if segments == "prefill":
             logits = runner.prefill(0, [[1, 2, 3], [4, 5]], [[], []])
         elif segments == "chunk":
-            logits = runner.prefill_chunk(3, [1, 2, 3, 4], 8, [])
+            logits = runner.prefill(2, [[1, 2, 3, 4], [5, 6]], [[], []], [8, 3])  # after cached tokens
         else:
             shapes = runner.layer_shapes()
             weights = LoraWeights({"r": 8}, {n: LoraModule(torch.randn(8, i), torch.randn(o, 8), 1.0)

@@ -42,9 +42,13 @@ def test_the_budget_sizes_the_cache_and_the_pool(model, monkeypatch):
     # room for 3 rows and the pool's minimum (the zero page and a rank-16 adapter: 3 pages) beyond a quarter's share
     total = weights + 1000 + 3 * row + 3 * page + 100
     monkeypatch.setattr(memory, "device_memory", lambda device: total)
-    plan = plan_memory(config(memory_fraction=1.0), model, 128, CPU)
-    assert (plan.kv_rows, plan.lora_pages) == (3, 3) and plan.activations == 1000
+    plan = plan_memory(config(memory_fraction=1.0, prefix_caching=False), model, 128, CPU)
+    assert (plan.kv_rows, plan.lora_pages, plan.prefix_tokens) == (3, 3, 0) and plan.activations == 1000
     assert "KV cache 3 rows" in plan.describe()
+    # the prefix cache takes at most half of the KV's share: the rows make way
+    plan = plan_memory(config(memory_fraction=1.0, prefix_cache_tokens=10**6), model, 128, CPU)
+    assert plan.kv_rows == 1 and 128 <= plan.prefix_tokens < 2 * 128
+    assert plan.kv_rows * row + plan.lora_pages * page + plan.prefix_tokens * row // 128 <= total - weights - 1000
     # plenty of memory: the configured counts are the upper bounds
     monkeypatch.setattr(memory, "device_memory", lambda device: 2**40)
     plan = plan_memory(config(memory_fraction=0.5), model, 128, CPU)
@@ -66,7 +70,8 @@ def test_the_engine_serves_with_what_the_budget_gives(llama_dir, monkeypatch):
     free = 3 * row + 4 * page
     monkeypatch.setattr(memory, "device_memory", lambda device: weight_bytes(base.model, packed_copies=True) + free)
     engine = Engine(base, config(memory_fraction=1.0))
-    rows, pages = engine.config.max_num_seqs, engine.config.lora_pages
-    assert rows * row + pages * page <= free and 1 <= rows < 8 and 3 <= pages < 16
+    rows, pages, prefix = engine.config.max_num_seqs, engine.config.lora_pages, engine.config.prefix_cache_tokens
+    assert rows * row + pages * page + prefix * row // 128 <= free and 1 <= rows < 8 and 3 <= pages < 16
+    assert engine.prefix.capacity == prefix // 16
     assert engine.runner.cache.rows_total == rows + 1  # and the padding's scratch row
     assert engine.runner.layers["model.layers.0.mlp.up_proj"].lora_A.shape[0] == pages

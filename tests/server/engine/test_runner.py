@@ -55,8 +55,8 @@ def test_chunks_after_a_cached_prefix_and_an_adapter_give_peft_logits(runner, ll
     ids = tok(" ".join(PROMPTS))["input_ids"]
     rows = [(adapter, pages, 1.0)]
     with torch.inference_mode():
-        runner.prefill_chunk(3, ids[:8], 0, rows)  # the first chunk is a plain prefill of row 3
-        runner.prefill_chunk(3, ids[8:16], 8, rows)
-        last = runner.prefill_chunk(3, ids[16:], 16, rows)
+        runner.prefill(3, [ids[:8]], [rows], [0])  # the first chunk is a plain prefill of row 3
+        runner.prefill(3, [ids[8:16]], [rows], [8])
+        last = runner.prefill(3, [ids[16:]], [rows], [16])
     torch.testing.assert_close(last[0], hf_logits(peft, ids)[-1], rtol=1e-4, atol=1e-4)
     runner.pool.release(adapter)

@@ -129,6 +129,13 @@ def test_metrics_is_prometheus_text(http):
         assert f"# TYPE {name}" in text, name
     assert re.search(r'^loraplex_requests_total\{endpoint="completions",status="200"\} [1-9]', text, re.M)
     assert re.search(r"^loraplex_time_to_first_token_seconds_count [1-9]", text, re.M)
+    # the engine's sizes, and the prefix cache's use (the same prompt twice: the second finds its blocks)
+    assert re.search(r"^loraplex_kv_cache_rows 8", text, re.M) and re.search(r"^loraplex_lora_pool_pages 16", text, re.M)
+    prompt = " ".join(["The capital of France is Paris."] * 6)
+    complete(http, prompt=prompt, max_tokens=2)
+    complete(http, prompt=prompt, max_tokens=2)
+    hits = re.search(r"^loraplex_prefix_cache_hit_tokens (\S+)", http.get("/metrics").text, re.M)
+    assert hits and float(hits.group(1)) >= 16
 
 
 def test_models_lists_base_and_adapters(http):
