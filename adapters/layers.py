@@ -21,17 +21,20 @@ from torch import nn
 
 from adapters.cpu.allocator import lazy_zeros
 from adapters.cpu.onednn import linear_for
-from adapters.ops import lora_gathered, lora_segmented
+from adapters.ops import lora_gathered, lora_grouped, lora_segmented
 from adapters.targets import adaptable_layers, layer_shape, wrap_layers
 
 
 class LoraMapping:
     """Which pool pages the tokens of the next forward pass apply; shared by every MultiLoraLinear of a model.
 
-    `pages` (R, K) and `weights` (R, K, G) as in adapters.ops: one row per token (decode), or, when `segmented`,
-    one row per sequence whose tokens are consecutive segments of equal length (prefill; a single row when every
-    sequence applies the same pages). It holds tensors, not callables, so a compiled forward sees the same code
-    every step.
+    `pages` (R, K) and `weights` (R, K, G) as in adapters.ops, rows by `mode`:
+      - "gathered": one row per token (decode, every row its own pages);
+      - "segmented": one row per sequence whose tokens are consecutive segments of equal length (prefill), a single
+        row when every sequence applies the same pages;
+      - "grouped": one row per distinct set of pages, `slots` / `inverse` saying which tokens apply it (decode,
+        several rows per adapter).
+    It holds tensors, not callables, so a compiled forward sees the same code every step.
     """
 
     def __init__(self, check_targets: bool = True) -> None:
@@ -39,13 +42,15 @@ class LoraMapping:
         self.check_targets = check_targets
         self.clear()
 
-    def set(self, pages: torch.Tensor, weights: torch.Tensor, adapters: frozenset[int], segmented: bool) -> None:
-        self.pages, self.weights, self.adapters, self.segmented = pages, weights, adapters, segmented
+    def set(self, pages: torch.Tensor, weights: torch.Tensor, adapters: frozenset[int], mode: str,
+            slots: torch.Tensor | None = None, inverse: torch.Tensor | None = None) -> None:  # fmt: skip
+        self.pages, self.weights, self.adapters, self.mode = pages, weights, adapters, mode
+        self.slots, self.inverse = slots, inverse
 
     def clear(self) -> None:
-        self.pages = self.weights = None
+        self.pages = self.weights = self.slots = self.inverse = None
         self.adapters: frozenset[int] = frozenset()
-        self.segmented = False
+        self.mode = "gathered"
 
 
 class MultiLoraLinear(nn.Module):
@@ -81,8 +86,10 @@ class MultiLoraLinear(nn.Module):
         if m.pages is None or (m.check_targets and self.adapters.isdisjoint(m.adapters)):
             return y
         x2 = x.reshape(-1, self.in_features)  # (N, in) — N tokens flattened across the batch
-        if m.segmented:
+        if m.mode == "segmented":
             delta = lora_segmented(x2, self.lora_A, self.lora_B, m.pages, m.weights, self.lora_linear)
+        elif m.mode == "grouped":
+            delta = lora_grouped(x2, self.lora_A, self.lora_B, m.pages, m.weights, m.slots, m.inverse)
         else:
             delta = lora_gathered(x2, self.lora_A, self.lora_B, m.pages, m.weights)
         return y + delta.view(y.shape).to(y.dtype)

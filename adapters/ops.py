@@ -96,15 +96,15 @@ def lora_grouped(
     """Rows grouped by the pages they apply: one BGEMM pair over u groups of at most m rows each.
 
     pages (u, K) and weights (u, K, G) are per group; `slots` (u, m) lists each group's rows of x (N, in), padded
-    with the index N (a zero row); `inverse` (N,) is each row's place in `slots` flattened. The same value as
-    `lora_gathered` with row i's pages those of its group.
+    with the index N (a zero row); `inverse` (N,) is each row's place in `slots` flattened, u·m for a row in no
+    group (it gets no LoRA term). The same value as `lora_gathered` with row i's pages those of its group.
     """
-    u, m = slots.shape
     a = lora_A[pages].flatten(1, 2).to(x.dtype)  # (u, K·G, in): each group's pages, read once
     bt = lora_B[pages].flatten(1, 2).to(x.dtype)  # (u, K·G, out)
     x_pad = torch.cat([x, x.new_zeros(1, x.shape[1])])[slots]  # (u, m, in)
     xa = torch.bmm(x_pad, a.transpose(1, 2)) * weights.flatten(1)[:, None, :]  # (u, m, K·G)
-    return torch.bmm(xa, bt).flatten(0, 1)[inverse]  # (N, out)
+    y = torch.bmm(xa, bt).flatten(0, 1)  # (u·m, out)
+    return torch.cat([y, y.new_zeros(1, y.shape[1])])[inverse]  # (N, out)
 
 
 def lora_linear(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:

@@ -83,6 +83,7 @@ class ModelRunner:
             "ids": (torch.long, (rows,)), "positions": (torch.long, (rows,)), "cache_rows": (torch.long, (rows,)),
             "lengths": (torch.long, (rows,)), "pages": (torch.long, (rows, self.max_pages)),
             "page_weights": (torch.float32, (rows, self.max_pages)),
+            "slots": (torch.long, (rows, rows)), "inverse": (torch.long, (rows,)),
             "temperature": (torch.float32, (rows,)), "top_p": (torch.float32, (rows,)),
         }, base.device)  # fmt: skip
         self.pad_batches = config.cuda_graphs  # padding buys nothing without captured graphs
@@ -125,8 +126,15 @@ class ModelRunner:
                 for t in (3, 5):  # prefills: a segment per prompt, and one for all (the same pages, see _lora)
                     for segments in {n, 1} if pages else {n}:
                         yield partial(self._warm_prefill, n, t, pages, segments)
-                for kv in sorted({min(KV_ALIGN, self.max_len), min(2 * KV_ALIGN, self.max_len)}):  # decode steps
-                    yield partial(self._warm_decode, n, kv, pages)
+                for kv in self._warm_kv:  # decode steps, every row its own pages
+                    yield partial(self._warm_decode, n, kv, ("gathered", pages, 0, 0) if pages else ("none", 0, 0, 0))
+                if pages and n > 1:  # decode steps of rows on the same pages (see _stage_lora)
+                    for kv in self._warm_kv:
+                        yield partial(self._warm_decode, n, kv, ("segmented", pages, 1, 0))
+            for u, m in ((1, 2), (2, 2), (2, 3)) if pages else ():  # decode steps of rows sharing their pages
+                if u * m <= self.config.max_num_seqs:
+                    for kv in self._warm_kv:
+                        yield partial(self._warm_decode, u * m, kv, ("grouped", pages, u, m))
             # tokens after cached ones: later chunks of a long prompt (one row), prompts with a cached prefix (several)
             rows = (1, min(2, self.config.max_num_seqs)) if self.config.prefix_caching else (1,)
             for n in rows if self.config.prefill_chunk or self.config.prefix_caching else ():
@@ -139,17 +147,24 @@ class ModelRunner:
         row0 = self.config.max_num_seqs - n
         pos = torch.arange(start, start + t, device=self.device)[None].repeat(n, 1)
         self.cache.prepare_extend(row0, pos, start + t)
-        self._set_mapping(self._zero_lora(segments, pages), frozenset(), segmented=True)
+        self._set_mapping(self._zero_lora(segments, pages), frozenset(), mode="segmented")
         self._forward(torch.full((n, t), self.pad_id, dtype=torch.long, device=self.device), pos)
         self.lora_mapping.clear()
 
-    def _warm_decode(self, n: int, kv: int, pages: int) -> None:
-        """A decode step of rows 0..n-1 at position kv - 1, on `pages` zero pages (page 0 adds nothing)."""
+    @property
+    def _warm_kv(self) -> list[int]:
+        return sorted({min(KV_ALIGN, self.max_len), min(2 * KV_ALIGN, self.max_len)})
+
+    def _warm_decode(self, n: int, kv: int, lora: tuple[str, int, int, int]) -> None:
+        """A decode step of rows 0..n-1 at position kv - 1, LoRA operands `lora` on zero pages (page 0 adds
+        nothing; groups of rows in order)."""
         host = self.buffers.write()
         host["ids"][:n], host["positions"][:n], host["cache_rows"][:n] = self.pad_id, kv - 1, np.arange(n)
         host["lengths"][:n], host["pages"][:n], host["page_weights"][:n] = kv, 0, 0.0
+        _, _, u, m = lora
+        host["slots"][:u, :m], host["inverse"][:n] = np.arange(u * m).reshape(u, m), np.arange(n)
         self.buffers.upload()
-        self._decode_forward(n, kv, pages, frozenset())
+        self._decode_forward(n, kv, lora, frozenset())
 
     def _zero_lora(self, segments: int, pages: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """`pages` zero pages (page 0 adds nothing) for each of `segments` rows, or None for no LoRA term."""
@@ -160,7 +175,7 @@ class ModelRunner:
 
     def _warm_prefill(self, n: int, t: int, pages: int, segments: int) -> None:
         self.cache.prepare_prefill(0, n, t)
-        self._set_mapping(self._zero_lora(segments, pages), frozenset(), segmented=True)
+        self._set_mapping(self._zero_lora(segments, pages), frozenset(), mode="segmented")
         self._forward(torch.full((n, t), self.pad_id, dtype=torch.long, device=self.device),
                       torch.arange(t, device=self.device)[None].expand(n, t))  # fmt: skip
         self.lora_mapping.clear()
@@ -185,8 +200,8 @@ class ModelRunner:
         else:  # after cached tokens; a padding token's position is clamped into the row (what it writes is unread)
             positions = self._to_device(np.minimum(np.asarray(starts)[:, None] + np.arange(t), self.max_len - 1))
             self.cache.prepare_extend(row0, positions, max(s + k for s, k in zip(starts, lens)))
-        lora, keys = self._lora(adapters, segmented=True)
-        self._set_mapping(lora, keys, segmented=True)
+        lora, keys = self._lora(adapters)
+        self._set_mapping(lora, keys, mode="segmented")
         try:
             hidden = self._forward(self._to_device(ids), positions)
         finally:
@@ -205,21 +220,28 @@ class ModelRunner:
         host["positions"][:n], host["positions"][n:b] = positions, 0
         host["cache_rows"][:n], host["cache_rows"][n:b] = np.arange(n), self.scratch_row  # padding writes there
         host["lengths"][:n], host["lengths"][n:b] = np.asarray(positions) + 1, 1
-        k, keys = self._stage_lora(host, adapters, b)
+        lora, keys = self._stage_lora(host, adapters, b)
         self.buffers.upload()
         self.pool.wait_loaded()
         kv_len = self._kv_bucket(max(positions) + 1)
         if self.graphs is not None:
-            return self.graphs.run((b, kv_len, k), lambda: self._decode_forward(b, kv_len, k, keys))[:n]
-        return self._decode_forward(b, kv_len, k, keys)[:n]
+            return self.graphs.run((b, kv_len, lora), lambda: self._decode_forward(b, kv_len, lora, keys))[:n]
+        return self._decode_forward(b, kv_len, lora, keys)[:n]
 
-    def _decode_forward(self, b: int, kv_len: int, k: int, keys: frozenset[int]) -> torch.Tensor:
-        """The decode forward of the first b staged rows, attending to kv_len keys, with k staged LoRA pages."""
+    def _decode_forward(self, b: int, kv_len: int, lora: tuple[str, int, int, int], keys: frozenset[int]) -> torch.Tensor:
+        """The decode forward of the first b staged rows, attending to kv_len keys, with the staged LoRA operands
+        `lora` = (mode, pages per row, groups, rows per group)."""
         d = self.buffers.dev
         positions = d["positions"][:b, None]
         self.cache.prepare_decode(d["cache_rows"][:b], positions, d["lengths"][:b], kv_len)
-        lora = (d["pages"][:b, :k], d["page_weights"][:b, :k]) if k else None
-        self._set_mapping(lora, keys, segmented=False)
+        mode, k, u, m = lora
+        if mode == "gathered":
+            self._set_mapping((d["pages"][:b, :k], d["page_weights"][:b, :k]), keys, mode)
+        elif mode == "segmented":
+            self._set_mapping((d["pages"][:1, :k], d["page_weights"][:1, :k]), keys, mode)
+        elif mode == "grouped":
+            self._set_mapping((d["pages"][:u, :k], d["page_weights"][:u, :k]), keys, mode, d["slots"][:u, :m],
+                              d["inverse"][:b])  # fmt: skip
         try:
             return self._logits(self._forward(d["ids"][:b, None], positions)[:, -1])
         finally:
@@ -264,34 +286,54 @@ class ModelRunner:
                 weights[i, col : col + len(p)] = w
                 col += len(p)
 
-    def _lora(self, adapters: list[AdapterPages], segmented: bool):
+    def _lora(self, adapters: list[AdapterPages]):
         """(pages, weights) device tensors of a prefill (one row per sequence, or one for all on the same pages),
         or None without a LoRA term; and the adapter keys."""
         rows = self._rows(adapters)
         if not any(rows):
             return None, frozenset()  # base rows only (or only the merged adapter's): no LoRA term at all
-        if segmented and len(rows) > 1 and all(r == rows[0] for r in rows):
+        if len(rows) > 1 and all(r == rows[0] for r in rows):
             rows = rows[:1]  # every prompt on the same pages: one segment of all their tokens (two plain GEMMs)
         k = _bucket(max(sum(len(p) for p, _ in r) for r in rows))
         pages, weights = np.zeros((len(rows), k), dtype=np.int64), np.zeros((len(rows), k), dtype=np.float32)
         self._fill(pages, weights, rows)
         return (self._to_device(pages), self._to_device(weights)), self._keys(adapters)
 
-    def _stage_lora(self, host: dict[str, np.ndarray], adapters: list[AdapterPages], b: int) -> tuple[int, frozenset]:
-        """Stage a decode step's pages and weights (rows 0..b-1); returns the page bucket (0: no LoRA term)."""
+    def _stage_lora(self, host: dict[str, np.ndarray], adapters: list[AdapterPages], b: int
+                    ) -> tuple[tuple[str, int, int, int], frozenset[int]]:  # fmt: skip
+        """Stage a decode step's LoRA operands for rows 0..b-1, the op chosen by how rows share pages: every row on
+        the same pages, one segment (two plain GEMMs); rows sharing pages two or more to a set, grouped (each set
+        read once); else gathered per row. Returns (mode, pages per row, groups, rows per group) and the keys."""
         rows = self._rows(adapters)
-        if not any(rows):
-            return 0, frozenset()
-        k = _bucket(max(sum(len(p) for p, _ in r) for r in rows))
-        host["pages"][:b, :k], host["page_weights"][:b, :k] = 0, 0.0
-        self._fill(host["pages"], host["page_weights"], rows)
-        return k, self._keys(adapters)
+        users = [i for i, r in enumerate(rows) if r]
+        if not users:
+            return ("none", 0, 0, 0), frozenset()  # base rows only (or only the merged adapter's)
+        sets: dict[tuple, list[int]] = {}
+        for i in users:
+            sets.setdefault(tuple(rows[i]), []).append(i)
+        k = _bucket(max(sum(len(p) for p, _ in s) for s in sets))
+        pad = _bucket if self.graphs is not None else (lambda x: x)
+        if len(sets) == 1 and len(users) == len(rows) > 1:
+            mode, table, u, m = "segmented", [list(next(iter(sets)))], 1, 0
+        elif len(users) >= 2 * len(sets):
+            mode, table = "grouped", [list(s) for s in sets]
+            u, m = pad(len(sets)), pad(max(map(len, sets.values())))
+            host["slots"][:u, :m], host["inverse"][:b] = b, u * m  # padding: the zero row in, no term out
+            for g, members in enumerate(sets.values()):
+                host["slots"][g, : len(members)] = members
+                host["inverse"][members] = g * m + np.arange(len(members))
+        else:
+            mode, table, u, m = "gathered", rows, 0, 0
+        host["pages"][: max(len(table), u, b), :k], host["page_weights"][: max(len(table), u, b), :k] = 0, 0.0
+        self._fill(host["pages"], host["page_weights"], table)
+        return (mode, k, u, m), self._keys(adapters)
 
-    def _set_mapping(self, lora, keys: frozenset[int], segmented: bool) -> None:
+    def _set_mapping(self, lora, keys: frozenset[int], mode: str, slots: torch.Tensor | None = None,
+                     inverse: torch.Tensor | None = None) -> None:  # fmt: skip
         if lora is None:
             self.lora_mapping.clear()
             return
         pages, weights = lora
         g = self.pool.page_size
         weights = weights.to(self.dtype)[:, :, None].expand(-1, -1, g)  # (R, K, G): one weight per page's rows
-        self.lora_mapping.set(pages, weights, keys, segmented)
+        self.lora_mapping.set(pages, weights, keys, mode, slots, inverse)

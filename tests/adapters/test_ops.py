@@ -147,12 +147,13 @@ def test_every_op_on_each_device_and_dtype(device, dtype):
 
 
 def groups_of(owned, choice):
-    """lora_grouped's operands for rows choosing [(adapter, weight), ...]: the distinct choices, slots, inverse."""
-    distinct = sorted({tuple(c) for c in choice})
+    """lora_grouped's operands for rows choosing [(adapter, weight), ...]: the distinct choices (base rows in no
+    group), slots, inverse."""
+    distinct = sorted({tuple(c) for c in choice if c})
     members = [[i for i, c in enumerate(choice) if tuple(c) == d] for d in distinct]
     m = max(map(len, members))
     slots = torch.full((len(distinct), m), len(choice), dtype=torch.long)
-    inverse = torch.empty(len(choice), dtype=torch.long)
+    inverse = torch.full((len(choice),), len(distinct) * m, dtype=torch.long)
     for g, rows in enumerate(members):
         slots[g, : len(rows)] = torch.tensor(rows)
         for j, row in enumerate(rows):
@@ -176,4 +177,4 @@ def test_grouped_matches_reference(dtype):
     got = lora_grouped(x, a, bt, pages, weights, slots, inverse)
     tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=5e-2)
     torch.testing.assert_close(got.double(), ref, **tol)
-    assert got[3].abs().max() == 0  # the base row's group has only the zero page
+    assert got[3].abs().max() == 0  # the base row is in no group

@@ -271,3 +271,27 @@ def test_aborting_a_chunked_prompt_frees_its_row(make_harness, llama_dir, engine
     assert h.run([dict(prompt=LONG, max_tokens=3, min_tokens=3)])[0]["ids"] == hf_greedy(
         AutoModelForCausalLM.from_pretrained(llama_dir).eval(), h.tok, LONG, 3
     )
+
+
+@pytest.mark.parametrize("backend", ["eager", "compiled"])
+def test_rows_sharing_adapters_decode_grouped_with_the_same_tokens(make_harness, llama_dir, engine_adapters, backend):
+    """Decode steps whose rows share pages take the segmented op (all rows on one adapter) or the grouped one
+    (several rows per adapter, each adapter's pages read once): the tokens are PEFT's, and nothing compiles anew."""
+    h = make_harness(llama_dir, engine_adapters, backend, max_num_seqs=6, auto_merge=False, prefix_caching=False)
+    modes = []
+    stage = h.engine.runner._stage_lora
+    h.engine.runner._stage_lora = lambda *a: (r := stage(*a), modes.append(r[0][0]))[0]
+    compiles = dict(torch._dynamo.utils.counters["frames"])
+    same = [dict(prompt=p, adapters=[("a", 1.0)], min_tokens=6, max_tokens=6) for p in PROMPTS[:4]]
+    shared = [dict(prompt=PROMPTS[i % 5], adapters=ad, min_tokens=6, max_tokens=6)
+              for i, ad in enumerate([[("a", 1.0)]] * 3 + [[("b", 1.0)]] * 2 + [[]])]  # fmt: skip
+    outs = h.run(same) + h.run(shared)
+    assert "segmented" in modes and "grouped" in modes
+    plain = AutoModelForCausalLM.from_pretrained(llama_dir).eval()
+    merged = {n: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(llama_dir), d).merge_and_unload().eval()
+              for n, d in engine_adapters.items()}  # fmt: skip
+    for job, out in zip(same + shared, outs):
+        model = merged[job["adapters"][0][0]] if job["adapters"] else plain
+        assert out["ids"] == hf_greedy(model, h.tok, job["prompt"], 6), job
+    if backend == "compiled":
+        assert dict(torch._dynamo.utils.counters["frames"]) == compiles
