@@ -10,7 +10,10 @@ chunks that carry text it reports, as vLLM's `benchmark_serving` does:
     ITL   inter-token latency: gap between consecutive content chunks of one request
     tok/s completion tokens (from the final `usage` chunk) ÷ wall time of the whole load
 
-with p50/p99 for all requests, base-only and adapter requests, and the adapter ÷ base ratios.
+with p50/p99 for all requests, base-only and adapter requests, and the adapter ÷ base ratios. Then, with the
+server stopped, the same engine in this process runs batches of --concurrency of the same requests (the same mix
+of base and adapters, chat-templated, all queued at once: `throughput.run_engine`): the HTTP path's tok/s ÷ that
+batch tok/s is how much of what the engine can do the served path delivers (target ≥ 0.8).
 The client runs in this process and the server in its own, so they do not share a GIL. One
 warm-up wave (one request per concurrency slot, not measured) precedes the load. Every wait is
 bounded; the server is stopped (SIGTERM) at the end. Usage: `python benchmarks/http_load.py [--quick]`.
@@ -22,6 +25,7 @@ import argparse
 import asyncio
 import itertools
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -59,6 +63,7 @@ class Result:
     start: float
     chunk_times: list[float] = field(default_factory=list)  # arrival of each chunk with content
     tokens: int = 0
+    text: str = ""
     error: str | None = None
 
     @property
@@ -107,10 +112,11 @@ def start_server(args, adapter_dir: Path, data_dir: Path, port: int, log_path: P
     })
 
 
-async def stream_chat(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int) -> Result:
+async def stream_chat(client: httpx.AsyncClient, model: str, prompt: str | list[dict], max_tokens: int) -> Result:
+    """One streaming chat request: `prompt` is the user message, or the whole list of messages."""
     body = {
         "model": model,
-        "messages": [{"role": "user", "content": prompt}],
+        "messages": prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}],
         "max_tokens": max_tokens,
         "temperature": 0,
         "ignore_eos": True,
@@ -133,8 +139,10 @@ async def stream_chat(client: httpx.AsyncClient, model: str, prompt: str, max_to
                 if "error" in chunk:
                     result.error = chunk["error"].get("message", str(chunk["error"]))
                     break
-                if any(c.get("delta", {}).get("content") for c in chunk.get("choices", [])):
+                content = "".join(c.get("delta", {}).get("content") or "" for c in chunk.get("choices", []))
+                if content:
                     result.chunk_times.append(now)
+                    result.text += content
                 if chunk.get("usage"):
                     result.tokens = chunk["usage"]["completion_tokens"]
     except httpx.HTTPError as e:
@@ -175,6 +183,27 @@ def summarize_group(results: list[Result], wall: float) -> dict:
         "itl_p50": percentile(itls, 50),
         "itl_p99": percentile(itls, 99),
     }
+
+
+def engine_batch_tok_s(args, models: list[str], base_id: str, adapters) -> float:
+    """Median tok/s of 3 batches of `models`' requests on the engine in this process, as the server ran them."""
+    from adapters.tiers.registry import AdapterRegistry
+    from benchmarks.common import chat_prompt_ids
+    from benchmarks.throughput import run_engine, warmed_engine
+    from server.engine.config import EngineConfig
+    from server.engine.model import load_base_model
+    from server.engine.threads import run_in_thread
+
+    base = run_in_thread(load_base_model, args.model, cache_dir=args.cache_dir)
+    registry = AdapterRegistry()
+    by_name = {adapter_name(i): registry.add(adapter_name(i), w) for i, w in enumerate(adapters)}
+    config = EngineConfig(max_num_seqs=args.concurrency, max_model_len=512, lora_pages=args.adapters + 1,
+                          lora_page_size=16, max_lora_rank=16, lora_backend=args.backend)  # as start_server's
+    engine = run_in_thread(warmed_engine, base, config)
+    prompts = chat_prompt_ids(base.tokenizer, len(models))
+    rows = [None if m == base_id else by_name[m] for m in models]
+    run_engine(engine, prompts, args.max_tokens, rows)  # warm
+    return statistics.median(run_engine(engine, prompts, args.max_tokens, rows) for _ in range(3))
 
 
 def main() -> None:
@@ -220,6 +249,7 @@ def main() -> None:
         finally:
             stop_server(proc)
 
+    batch_tok_s = engine_batch_tok_s(args, models[: args.concurrency], base_id, adapters)
     errors = [f"{r.model}: {r.error}" for r in results if r.error]
     short = [r for r in results if not r.error and r.tokens != args.max_tokens]
     groups = {
@@ -241,12 +271,16 @@ def main() -> None:
     rows = [[name, g["requests"], g["tokens"], *(ms(g[k]) for k in keys), g["tok_per_s"]] for name, g in groups.items()]
     rows.append(["adapters ÷ base", "", "", *("—" if ratios[k] is None else ratios[k] for k in keys), ""])
     print_table(["group", "n", "tokens", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms", "tok/s"], rows)
+    served = groups["all"]["tok_per_s"]
+    print(f"\nHTTP closed loop {served:.1f} tok/s ÷ engine batch of {args.concurrency} {batch_tok_s:.1f} tok/s = "
+          f"{served / batch_tok_s:.2f}")
     if errors or short:
         print(f"{len(errors)} failed, {len(short)} with fewer than {args.max_tokens} tokens: {errors[:5]}")
 
     if out_path:
         config = {k: getattr(args, k) for k in ("requests", "concurrency", "max_tokens", "adapters", "backend")}
-        summary = {"wall_s": wall, "groups": groups, "ratios_adapters_over_base": ratios, "errors": errors}
+        summary = {"wall_s": wall, "groups": groups, "ratios_adapters_over_base": ratios, "errors": errors,
+                   "engine_batch_tok_per_s": batch_tok_s, "http_over_engine_batch": served / batch_tok_s}
         write_json(out_path, {"config": config | {"model": base_id}} | summary)
     if errors:
         sys.exit(1)

@@ -26,7 +26,10 @@ class StepBuffers:
         total = sum(-(-n // 8) * 8 for n in sizes.values())  # each field 8-byte aligned
         pin = device.type == "cuda"
         self._staging = torch.zeros(total, dtype=torch.uint8, pin_memory=pin)
-        self._device = torch.zeros(total, dtype=torch.uint8, device=device)
+        # an inference tensor, as every other input of a step: compiled graphs guard on dispatch keys, and one kind
+        # of tensor everywhere keeps them from compiling a variant per kind (so it is only written in inference mode)
+        with torch.inference_mode():
+            self._device = torch.zeros(total, dtype=torch.uint8, device=device)
         self._host: dict[str, np.ndarray] = {}
         self.dev: dict[str, torch.Tensor] = {}
         self._copied: torch.cuda.Event | None = None

@@ -75,6 +75,9 @@ class LoraConfig(_Config):
     decode step reads, vLLM's lora_dtype; the arithmetic stays in the model's dtype)."""
     lora_backend: Literal["compiled", "eager"] = "compiled"
     """compiled (decoder layers compiled by torch.compile, LoRA kernels fused in) or eager."""
+    compile_in_background: bool = True
+    """compiled backend: be ready at once, serving eagerly, and compile the decoder layer's graphs while the engine
+    is idle (off: compile them all before /health/ready)."""
     max_lora_rank: int = Field(64, ge=1)
     """Largest adapter rank accepted."""
     host_adapter_bytes: int = Field(4 * 2**30, ge=0)

@@ -64,6 +64,7 @@ class Engine:
         self._stop = False
         self.alive = False
         self.prompt_tokens = 0  # read by the metrics
+        self._warm_progress: Callable[[int, int], None] = lambda done, total: None
 
     # ---- outside world (any thread) -------------------------------------------------------
 
@@ -128,6 +129,18 @@ class Engine:
         after each warm-up forward."""
         self.runner.warmup(progress)
 
+    def warmup_in_background(self, progress: Callable[[int, int], None] = lambda done, total: None) -> None:
+        """Serve at once, eagerly, and run the warm-up's forwards in the engine thread whenever no sequence runs
+        (each compiles a graph; a request arriving meanwhile waits for that one forward); once they are all done,
+        forwards run compiled. Call before `start`."""
+        self.runner.start_warmup()
+        self._warm_progress = progress
+
+    @property
+    def compiling(self) -> bool:
+        """Whether a background warm-up still has forwards to run (forwards run eagerly until it ends)."""
+        return self.runner.warming
+
     # ---- engine thread ----------------------------------------------------------------------
 
     def _loop(self) -> None:
@@ -138,7 +151,7 @@ class Engine:
                 while True:
                     with self._wake:
                         while not (self._stop or self._incoming or self._aborts or self._drop_retired
-                                   or self.scheduler.has_work()):  # fmt: skip
+                                   or self.scheduler.has_work() or self.runner.warming):  # fmt: skip
                             self._wake.wait()
                         if self._stop:
                             break
@@ -160,6 +173,9 @@ class Engine:
                             self.outputs.finish(seq, "abort")
                         if self.scheduler.has_work():
                             self._step()
+                        elif self.runner.warming:  # idle: the next forward of the background warm-up
+                            self.runner.warm_next()
+                            self._warm_progress(*self.runner.warm_progress)
                     except Exception as e:  # no request without an answer
                         log.exception("engine step failed")
                         self._fail_active(f"internal error in the engine: {e.__class__.__name__}")

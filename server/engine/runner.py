@@ -98,6 +98,9 @@ class ModelRunner:
                     m.compile(dynamic=None, options={"guard_filter_fn": torch.compiler.skip_guard_on_inbuilt_nn_modules_unsafe})
         tok = base.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        self.stance = "default"  # torch.compile's: "force_eager" while a warm-up is pending
+        self._warm: list[Callable[[], None]] = []
+        self.warm_progress = (0, 0)
 
     def enter_thread(self) -> None:
         """Ready the calling thread to run (and, for a shape the warm-up missed, compile) the compiled forwards:
@@ -111,12 +114,36 @@ class ModelRunner:
     def warmup(self, progress: Callable[[int, int], None] = lambda done, total: None) -> None:
         """Run every kind of forward (prefill and decode, with and without LoRA pages) at several
         sizes, so that the compiled graphs exist, shape-generic, before traffic; `progress(done, total)` after each."""
-        steps = list(self._warm_steps())
-        with torch.inference_mode():
-            for done, step in enumerate(steps, 1):
+        self.start_warmup()
+        while self.warm_next():
+            progress(*self.warm_progress)
+
+    def start_warmup(self) -> None:
+        """Plan the warm-up, to run one forward at a time (`warm_next`); until it is done, forwards run eagerly
+        (the compiled backend's graphs do not exist yet: serving need not wait for them)."""
+        self._warm = list(self._warm_steps())
+        self.warm_progress = (0, len(self._warm))
+        self.stance = "force_eager"
+
+    @property
+    def warming(self) -> bool:
+        return bool(self._warm)
+
+    def warm_next(self) -> bool:
+        """Run the next warm-up forward (it compiles its graph, with the compiled backend); whether more remain.
+        It writes the cache rows it uses: only call it while no sequence is running."""
+        if not self._warm:
+            return False
+        step = self._warm.pop(0)
+        self.stance = "default"
+        try:
+            with torch.inference_mode():
                 step()
-                progress(done, len(steps))
-        self.lora_mapping.clear()
+        finally:
+            self.lora_mapping.clear()
+            self.stance = "force_eager" if self._warm else "default"
+        self.warm_progress = (self.warm_progress[1] - len(self._warm), self.warm_progress[1])
+        return bool(self._warm)
 
     def _warm_steps(self) -> Iterator[Callable[[], None]]:
         # batch 1 specializes apart from batch >= 2, so each gets two prompt lengths / cache lengths
@@ -131,10 +158,11 @@ class ModelRunner:
                 if pages and n > 1:  # decode steps of rows on the same pages (see _stage_lora)
                     for kv in self._warm_kv:
                         yield partial(self._warm_decode, n, kv, ("segmented", pages, 1, 0))
-            for u, m in ((1, 2), (2, 2), (2, 3)) if pages else ():  # decode steps of rows sharing their pages
-                if u * m <= self.config.max_num_seqs:
-                    for kv in self._warm_kv:
-                        yield partial(self._warm_decode, u * m, kv, ("grouped", pages, u, m))
+            for u, m in ((1, 2), (2, 2), (2, 3)) if pages else ():  # decode steps of rows sharing their pages,
+                for n in (u * m, u * m + 1):  # with and without rows outside the groups
+                    if n <= self.config.max_num_seqs:
+                        for kv in self._warm_kv:
+                            yield partial(self._warm_decode, n, kv, ("grouped", pages, u, m))
             # tokens after cached ones: later chunks of a long prompt (one row), prompts with a cached prefix (several)
             rows = (1, min(2, self.config.max_num_seqs)) if self.config.prefix_caching else (1,)
             for n in rows if self.config.prefill_chunk or self.config.prefix_caching else ():
@@ -162,7 +190,7 @@ class ModelRunner:
         host["ids"][:n], host["positions"][:n], host["cache_rows"][:n] = self.pad_id, kv - 1, np.arange(n)
         host["lengths"][:n], host["pages"][:n], host["page_weights"][:n] = kv, 0, 0.0
         _, _, u, m = lora
-        host["slots"][:u, :m], host["inverse"][:n] = np.arange(u * m).reshape(u, m), np.arange(n)
+        host["slots"][:u, :m], host["inverse"][:n] = np.arange(u * m).reshape(u, m), np.minimum(np.arange(n), u * m)
         self.buffers.upload()
         self._decode_forward(n, kv, lora, frozenset())
 
@@ -248,8 +276,9 @@ class ModelRunner:
             self.lora_mapping.clear()
 
     def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        out = self.backbone(input_ids=input_ids, position_ids=position_ids, attention_mask=None, use_cache=True,
-                            **{self._cache_kw: self.cache})  # fmt: skip
+        with torch.compiler.set_stance(self.stance):
+            out = self.backbone(input_ids=input_ids, position_ids=position_ids, attention_mask=None, use_cache=True,
+                                **{self._cache_kw: self.cache})  # fmt: skip
         return out.last_hidden_state
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:

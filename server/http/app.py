@@ -51,7 +51,10 @@ def start_engine(state: AppState) -> None:
         catalog.register_stored()
         if s.adapter_dir:
             catalog.register_directory(s.adapter_dir)
-        engine.warmup()
+        if s.lora_backend == "compiled" and s.compile_in_background:
+            engine.warmup_in_background()  # ready now, eagerly; compiled once the engine has been idle long enough
+        else:
+            engine.warmup()
         engine.start()
         m = state.metrics
         state.async_engine = AsyncEngine(engine, s.max_waiting, m.ttft.observe, m.itl.observe)

@@ -23,7 +23,11 @@ def live(st: State) -> JSONResponse:
 @router.get("/health/ready")
 def ready(st: State) -> JSONResponse:
     if st.ready and not st.draining and st.engine.alive:
-        return JSONResponse({"status": "ready"})
+        body = {"status": "ready"}
+        if st.engine.compiling:  # serving eagerly while the compiled backend's graphs are built in the background
+            done, total = st.engine.runner.warm_progress
+            body["compiling"] = {"done": done, "total": total}
+        return JSONResponse(body)
     status = "draining" if st.draining else ("failed" if st.load_error else "loading")
     return JSONResponse({"status": status}, status_code=503)
 

@@ -20,7 +20,9 @@ LONG = " ".join(PROMPTS)  # ~30 tokens of the tiny tokenizer
 class Harness:
     """An engine thread on a tiny model, with a blocking `run` for tests."""
 
-    def __init__(self, model_dir: Path, adapters: dict[str, Path], backend: str, max_num_seqs: int = 8, **config):
+    def __init__(self, model_dir: Path, adapters: dict[str, Path], backend: str, max_num_seqs: int = 8,
+                 background: bool = False, **config):  # fmt: skip
+        """`background`: start serving at once and warm up (compile) while idle, as the server does."""
         self.base = load_base_model(str(model_dir), cache_dir=model_dir)
         config = dict(max_num_seqs=max_num_seqs, max_model_len=128, lora_pages=16, lora_page_size=8,
                       lora_backend=backend) | config  # fmt: skip
@@ -28,7 +30,9 @@ class Harness:
         self.registry = AdapterRegistry()
         for name, d in adapters.items():
             self.registry.add(name, load_peft_adapter(d))
-        self.engine.warmup()
+        self.progress: list[tuple[int, int]] = []
+        warm = self.engine.warmup_in_background if background else self.engine.warmup
+        warm(lambda done, total: self.progress.append((done, total)))
         self.engine.start()
         self.tok = self.base.tokenizer
         self._n = 0

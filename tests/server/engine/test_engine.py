@@ -295,3 +295,22 @@ def test_rows_sharing_adapters_decode_grouped_with_the_same_tokens(make_harness,
         assert out["ids"] == hf_greedy(model, h.tok, job["prompt"], 6), job
     if backend == "compiled":
         assert dict(torch._dynamo.utils.counters["frames"]) == compiles
+
+
+def test_background_compile_serves_at_once_then_compiled(make_harness, llama_dir, engine_adapters):
+    """With the warm-up in the background the engine serves at once (eagerly), compiles while idle, and then
+    serves compiled, the same tokens throughout and nothing compiled after the warm-up."""
+    import time
+
+    h = make_harness(llama_dir, engine_adapters, "compiled", max_num_seqs=4, auto_merge=False, background=True)
+    jobs = [dict(prompt=p, adapters=[("a", 1.0)] if i % 2 else [], min_tokens=6, max_tokens=6)
+            for i, p in enumerate(PROMPTS[:4])]  # fmt: skip
+    assert h.engine.compiling
+    first = h.run(jobs)  # served while the warm-up is pending: eagerly
+    deadline = time.monotonic() + 600
+    while h.engine.compiling and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not h.engine.compiling and h.progress[-1][0] == h.progress[-1][1] > 10
+    compiles = dict(torch._dynamo.utils.counters["frames"])
+    assert [o["ids"] for o in h.run(jobs)] == [o["ids"] for o in first]
+    assert dict(torch._dynamo.utils.counters["frames"]) == compiles
