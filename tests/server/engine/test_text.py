@@ -39,3 +39,18 @@ def test_multibyte_characters_are_not_split():
     deltas, _ = stream_all(text, [])
     assert "".join(deltas) == text
     assert not any("\ufffd" in d for d in deltas)
+
+
+def test_one_token_a_step_gives_the_whole_decode():
+    """DecodeStream, one token a step, releases exactly what decoding the whole output gives, multi-byte
+    characters split across byte tokens included; a tokenizer without it (decoding everything each step) too."""
+    from transformers import PreTrainedTokenizerFast
+
+    slow = PreTrainedTokenizerFast(tokenizer_object=TOK.backend_tokenizer, clean_up_tokenization_spaces=True)
+    for text in ("Hello world! How are you today?", "Héllo wörld — 你好 ✓ 🙂 done.", "0 1 2 3\\n\\tend"):
+        ids = TOK(text)["input_ids"]
+        for tok in (TOK, slow):
+            s = TextStream(tok, [])
+            assert (s._stream is None) == (tok is slow)
+            out = "".join(s.push(ids[:n])[0] for n in range(1, len(ids) + 1)) + s.flush(ids)
+            assert out == TOK.decode(ids, skip_special_tokens=True), (text, tok is slow)
