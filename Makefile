@@ -34,6 +34,9 @@ bench: install
 	$(PY) benchmarks/chunked_prefill.py
 	$(PY) benchmarks/rotation.py
 	$(PY) benchmarks/upload_latency.py
+	$(PY) benchmarks/prefix_cache.py
+	$(PY) benchmarks/step_overhead.py
+	$(PY) benchmarks/startup.py
 
 clean:
 	rm -rf $(VENV)

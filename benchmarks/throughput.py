@@ -88,6 +88,28 @@ def matmul_gflops(n: int = 2048, reps: int = 5) -> dict[str, float]:
     return rates
 
 
+def memory_bandwidth(nbytes: int = 256 * 2**20, reps: int = 8) -> float:
+    """Bytes per second this process reads from memory: the best of `reps` sums over a buffer far beyond the caches."""
+    x = torch.ones(nbytes // 4)
+    x.sum()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t0)
+    return nbytes / best
+
+
+def c_over_a_bound(base_tok_s: float, rows: int, new_tokens: int, adapters: int, adapter_params: int,
+                   lora_dtype: str, dtype: str, bandwidth: float) -> float:
+    """The most (c)/(a) can be when each decode step must read every distinct adapter's pages once, at the
+    machine's memory bandwidth, on top of the base's own time (prefill and everything else left out)."""
+    width = torch.empty((), dtype=getattr(torch, dtype if lora_dtype == "auto" else lora_dtype)).element_size()
+    base_s = rows * new_tokens / base_tok_s
+    lora_s = (new_tokens - 1) * adapters * adapter_params * width / bandwidth
+    return base_s / (base_s + lora_s)
+
+
 def run_engine(engine: Engine, prompts: list[list[int]], new_tokens: int, adapters: list[Adapter | None]) -> float:
     """tok/s of one batch: every request is queued before the engine thread starts, so all prefill together."""
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
@@ -283,6 +305,7 @@ def main() -> None:
     # torch work runs in threads that end with it, as in the server (see server/engine/threads.py), so that the engine
     # thread's OpenMP team is the only one alive while it runs; each peer run is in a thread of its own too
     rates = run_in_thread(matmul_gflops)
+    bandwidth = run_in_thread(memory_bandwidth)
     gflops = max(rates.values())
     matmul_line = f"fp32 matmul 2048³: MKL {rates['mkl']:.1f}, oneDNN {rates['onednn']:.1f} GFLOP/s ({torch.get_num_threads()} threads)"
     print(matmul_line, flush=True)
@@ -341,6 +364,11 @@ def main() -> None:
     print_table(["what", "tok/s", "MFU", "ratio", "value", "paired"], rows)
     print("value: the ratio of the medians; paired: the median of the ratios within each round")
     print(f"{matmul_line}; {params / 1e6:.1f} M params, {adapter_params / 1e6:.2f} M per adapter")
+    bound = c_over_a_bound(results["a"]["median"], n, new_tokens, n_adapters, adapter_params, args.lora_dtype,
+                           args.dtype, bandwidth)  # fmt: skip
+    fraction = ratios["c/a"] / bound if ratios["c/a"] else None
+    print(f"memory bandwidth {bandwidth / 1e9:.1f} GB/s: c/a is bounded by {bound:.2f} (each decode step reads the "
+          f"{n_adapters} adapters' pages once); measured {ratios['c/a']:.2f} = {fraction:.0%} of the bound")
 
     if out_path:
         write_json(
@@ -369,6 +397,9 @@ def main() -> None:
                 "paired_ratios": paired_ratios,
                 "mfu": mfu,
                 "merge_s": merge_s,
+                "bandwidth_gb_s": bandwidth / 1e9,
+                "c_over_a_bound": bound,
+                "c_over_a_fraction_of_bound": fraction,
             },
         )
 
