@@ -2,9 +2,8 @@
 
 Unknown fields are ignored, as vLLM does; fields we cannot honour are refused, never ignored. What a client sends
 is bounded here, before anything else looks at it: every float finite, every string valid Unicode (a lone UTF-16
-surrogate can be neither tokenized nor sent back), `seed` a 64-bit integer, and the counts of prompts, messages
-and stop sequences capped (the prompts' lengths are checked against the context before tokenization, in
-`server.http.prompts`).
+surrogate can be neither tokenized nor sent back), `seed` a 64-bit integer, the counts of messages and stop sequences capped (the prompts' count and lengths are
+checked against the queue and the context before tokenization, in `server.http.prompts`).
 """
 
 from __future__ import annotations
@@ -16,8 +15,6 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 from adapters.names import NAME_PATTERN
 from adapters.training.config import Hyperparameters
 
-MAX_PROMPTS = 4096  # prompts in one completion request (× n: also at most the server's queue)
-MAX_PROMPT_IDS = 2**17  # token ids in one prompt given as ids (the context is the real bound)
 MAX_MESSAGES = 4096
 MAX_STOP = 16  # stop sequences
 MAX_STOP_CHARS = 1024  # characters of one stop sequence
@@ -92,12 +89,7 @@ class _Sampling(_Request):
 
 
 class CompletionRequest(_Sampling):
-    prompt: (
-        Text
-        | Annotated[list[Text], Field(max_length=MAX_PROMPTS)]
-        | Annotated[list[TokenId], Field(max_length=MAX_PROMPT_IDS)]
-        | Annotated[list[Annotated[list[TokenId], Field(max_length=MAX_PROMPT_IDS)]], Field(max_length=MAX_PROMPTS)]
-    )
+    prompt: Text | list[Text] | list[TokenId] | list[list[TokenId]]  # counts and lengths: server.http.prompts
     max_tokens: int | None = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
