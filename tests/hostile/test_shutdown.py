@@ -5,18 +5,13 @@ error event and `[DONE]`, and the process exits within the drain timeout plus a 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
-import socket
-import subprocess
-import sys
-import threading
 import time
 
 import httpx
 
-from tests.live import REPO
+from tests.live import spawn_server, stream_in_thread
 
 DRAIN = 2.0
 
@@ -26,40 +21,14 @@ def test_sigterm_drains_then_ends_running_streams_with_an_error_event(tiny_model
     shutil.copytree(tiny_models["llama"], model)
     config = json.loads((model / "config.json").read_text())
     (model / "config.json").write_text(json.dumps(config | {"max_position_embeddings": 8192}))  # RoPE: a long stream
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LORAPLEX_")} | {
+    proc, url = spawn_server({
         "LORAPLEX_MODEL": str(model), "LORAPLEX_DATA_DIR": str(tmp_path / "data"), "LORAPLEX_LORA_BACKEND": "eager",
         "LORAPLEX_MAX_MODEL_LEN": "8192", "LORAPLEX_MAX_NUM_SEQS": "2", "LORAPLEX_LORA_PAGES": "4",
         "LORAPLEX_MAX_LORA_RANK": "16", "LORAPLEX_DRAIN_TIMEOUT": str(DRAIN),
-    }  # fmt: skip
-    proc = subprocess.Popen([sys.executable, "-m", "server", "--port", str(port), "--log-level", "warning"],
-                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
+    })  # fmt: skip
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline, "the server did not start"
-            try:
-                if httpx.get(f"{url}/health/ready").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        events: list[str] = []
-        first = threading.Event()
-
-        def stream() -> None:
-            body = {"model": "llama", "prompt": "Hello", "max_tokens": 8000, "ignore_eos": True, "stream": True}
-            with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
-                for line in r.iter_lines():
-                    if line.startswith("data: "):
-                        events.append(line[6:])
-                        first.set()
-
-        t = threading.Thread(target=stream)
-        t.start()
+        body = {"model": "llama", "prompt": "Hello", "max_tokens": 8000, "ignore_eos": True, "stream": True}
+        t, events, first = stream_in_thread(url, body)
         assert first.wait(30)
         proc.send_signal(signal.SIGTERM)
         signalled = time.monotonic()
