@@ -119,7 +119,11 @@ async def soak(url: str, pid: int, base: str, args) -> dict:
 
     limits = httpx.Limits(max_connections=args.concurrency, max_keepalive_connections=args.concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=args.timeout, limits=limits) as client:
-        await asyncio.gather(sampler(), *(worker(w, client) for w in range(args.concurrency)))
+        workers = [asyncio.create_task(worker(w, client)) for w in range(args.concurrency)]
+        await sampler()
+        for w in workers:  # the requests still running at the end are left, not waited for
+            w.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
     return {"samples": samples, "requests": done[0], "errors": errors}
 
 
