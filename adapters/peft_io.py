@@ -2,16 +2,20 @@
 
 Files: `adapter_config.json` + `adapter_model.safetensors` (never pickle). Keys
 `base_model.model.<module>.lora_A.weight` (r×in) and `.lora_B.weight` (out×r); scale α/r, or
-α/√r with `use_rslora`; `rank_pattern` / `alpha_pattern` matched as PEFT's `get_pattern_key`
-does. Validation collects every problem before raising, as vLLM's `PEFTHelper` does, so one
-attempt tells the user all that is wrong.
+α/√r with `use_rslora`; `rank_pattern` / `alpha_pattern` keys match a module as PEFT's
+`get_pattern_key` matches module names (the whole path, or a suffix after a dot), with plain
+string comparisons: a key is a module name, never run as a regular expression (an uploaded
+pattern must not be able to stall the process). Validation collects every problem before
+raising, as vLLM's `PEFTHelper` does, so one attempt tells the user all that is wrong. What can
+be served is bounded: α finite and at most `MAX_ALPHA`, every tensor finite, and every module's
+delta `scaling · B·A` provably finite (`delta_bound`), so no adapter can turn another request's
+output (or merged base weights) into NaN or Inf.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +27,11 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."
 _CARRIED_KEYS = ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "fan_in_fan_out", "target_modules")
-_KEY_RE = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
+MAX_CONFIG_BYTES = 1 << 20  # an adapter_config.json is a few hundred bytes; PEFT's largest are a few KB
+MAX_PATTERNS = 4096  # entries of rank_pattern / alpha_pattern (one per module at most, in practice)
+MAX_ALPHA = 2.0**16  # |lora_alpha| and alpha_pattern values; PEFT's usual values are 8 .. 512
+MAX_DELTA = 2.0**16  # bound on |scaling · (B·A)_ij|: finite in float16, far beyond any trained adapter's
+_PATTERN_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
 
 
 class AdapterError(ValueError):
@@ -82,25 +90,54 @@ class LoraWeights:
         return LoraWeights(config=self.config, modules=modules)
 
 
+def split_key(key: str) -> tuple[str, str] | None:
+    """(module, "A" or "B") of a tensor name `<module>.lora_A.weight` / `.lora_B.weight` (prefix removed), else None."""
+    for which in "AB":
+        suffix = f".lora_{which}.weight"
+        if key.endswith(suffix) and len(key) > len(suffix):
+            return key[: -len(suffix)], which
+    return None
+
+
+def pattern_matches(key: str, module: str) -> bool:
+    """Whether the pattern key `key` names `module` (a module path): the whole path or a suffix after a dot, as PEFT's
+    `get_pattern_key` matches module names, compared as plain strings."""
+    return module == key or module.endswith("." + key)
+
+
 def _pattern_value(patterns: dict, module: str, default):
     for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
+        if pattern_matches(key, module):
             return value
     return default
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _alpha_problem(what: str, v: object) -> str | None:
+    if not _is_number(v) or not math.isfinite(v) or abs(v) > MAX_ALPHA:
+        return f"{what} must be a finite number of magnitude at most {MAX_ALPHA:g} (got {str(v)[:40]})"
+    return None
 
 
 def _check_pattern(config: dict, key: str) -> list[str]:
     patterns = config.get(key) or {}
     if not isinstance(patterns, dict):
-        return [f"{key} must be an object mapping module patterns to values"]
+        return [f"{key} must be an object mapping module names to values"]
+    if len(patterns) > MAX_PATTERNS:
+        return [f"{key} has {len(patterns)} entries, more than the {MAX_PATTERNS} allowed"]
     problems = []
     for k, v in patterns.items():
-        try:
-            re.compile(k)
-        except re.error:
-            problems.append(f"{key} has an invalid pattern {k!r}")
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
-            problems.append(f"{key}[{k!r}] must be a positive number")
+        if not k or len(k) > 256 or not _PATTERN_CHARS.issuperset(k) or k.startswith(".") or k.endswith("."):
+            problems.append(f"{key} key {k[:80]!r} is not a module name: keys are module names or dotted suffixes "
+                            "of module paths (e.g. 'q_proj', 'layers.0.self_attn.q_proj'), never regular expressions")
+        elif key == "alpha_pattern":
+            if problem := _alpha_problem(f"{key}[{k!r}]", v):
+                problems.append(problem)
+        elif not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            problems.append(f"{key}[{k!r}] must be a positive integer")
     return problems
 
 
@@ -123,18 +160,23 @@ def _check_config(config: object) -> list[str]:
         problems.append(f"modules_to_save {config['modules_to_save']!r} is not supported (only LoRA weights are served)")
     if config.get("bias", "none") != "none" or config.get("lora_bias"):
         problems.append("LoRA bias terms (bias != 'none' or lora_bias) are not supported")
-    for key in ("r", "lora_alpha"):
-        if key in config and (not isinstance(config[key], (int, float)) or isinstance(config[key], bool)):
-            problems.append(f"{key} must be a number")
+    if "r" in config and (not isinstance(config["r"], int) or isinstance(config["r"], bool) or config["r"] <= 0):
+        problems.append("r must be a number (a positive integer)")
+    if "lora_alpha" in config and (problem := _alpha_problem("lora_alpha", config["lora_alpha"])):
+        problems.append(problem)
     problems += _check_pattern(config, "rank_pattern") + _check_pattern(config, "alpha_pattern")
     return problems
 
 
 def read_config(path: Path) -> dict:
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise AdapterError([f"{CONFIG_NAME} is larger than {MAX_CONFIG_BYTES} bytes"])
     try:
-        config = json.loads(path.read_text())
+        config = json.loads(path.read_text())  # NaN / Infinity parse (PEFT writes them): the checks refuse them
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise AdapterError([f"{CONFIG_NAME} is not valid JSON ({e.__class__.__name__})"]) from None
+    except RecursionError:
+        raise AdapterError([f"{CONFIG_NAME} nests too deeply"]) from None
     problems = _check_config(config)
     if problems:
         raise AdapterError(problems)
@@ -175,7 +217,7 @@ def load_peft_adapter(
         if "lora_magnitude_vector" in key:
             problems.append(f"DoRA weights ({key}) are not supported")
             continue
-        m = _KEY_RE.match(stripped)
+        m = split_key(stripped)
         if not m or not key.startswith(KEY_PREFIX):
             problems.append(f"unexpected tensor {key!r} (only LoRA A/B weights can be served)")
             continue
@@ -188,7 +230,7 @@ def load_peft_adapter(
         if not torch.isfinite(tensor).all():
             problems.append(f"{key} contains NaN or Inf values")
             continue
-        pairs.setdefault(m["module"], {})[m["which"]] = tensor
+        pairs.setdefault(m[0], {})[m[1]] = tensor
     for module, ab in sorted(pairs.items()):
         if set(ab) != {"A", "B"}:
             problems.append(f"{module} has lora_{'A' if 'A' in ab else 'B'} without its lora_{'B' if 'A' in ab else 'A'}")
@@ -201,6 +243,11 @@ def load_peft_adapter(
             problems.append(f"{module}: rank 0")
             continue
         lm = LoraModule(lora_A=a.float(), lora_B=b.float(), scaling=module_scaling(config, module, a.shape[0]))
+        if not delta_bound(lm) <= MAX_DELTA:  # also catches a NaN bound
+            problems.append(f"{module}: lora_A, scaling·lora_B or the delta scaling·B·A reach {delta_bound(lm):.3g} in "
+                            f"magnitude, over the limit of {MAX_DELTA:g} (lora_alpha / alpha_pattern or the weights "
+                            "are out of range)")
+            continue
         weights.modules[module] = lm
     if not pairs and not problems:
         problems.append("the adapter holds no LoRA weights")
@@ -209,6 +256,15 @@ def load_peft_adapter(
     if problems:
         raise AdapterError(problems)
     return weights
+
+
+def delta_bound(m: LoraModule) -> float:
+    """An upper bound on the magnitude of every number serving module `m` computes from its weights: A's entries,
+    scaling·B's (what the pool keeps) and the delta's, |s·(B·A)_ij| <= |s| · Σ_k max_i|B_ik| · max_j|A_kj|. In
+    float64, so no overflow hides a large one; O(r·(in + out)), where B·A itself would be O(r·in·out)."""
+    a = m.lora_A.detach().abs().amax(dim=1).double()  # (r,)
+    b = m.lora_B.detach().abs().amax(dim=0).double() * abs(m.scaling)  # (r,)
+    return max(float((a * b).sum()), float(a.max()), float(b.max()))
 
 
 def fit_problems(weights: LoraWeights, shapes: dict[str, tuple[int, int]], max_rank: int | None) -> list[str]:
@@ -273,10 +329,13 @@ def describe_peft_adapter(directory: Path) -> tuple[int, float, list[str]]:
     header only: registering thousands of stored adapters reads no weights."""
     config = read_config(Path(directory) / CONFIG_NAME)
     ranks, modules = [], set()
-    with safe_open(Path(directory) / WEIGHTS_NAME, framework="pt") as f:
-        for key in f.keys():
-            m = _KEY_RE.match(key.removeprefix(KEY_PREFIX))
-            if m and m["which"] == "A":
-                ranks.append(f.get_slice(key).get_shape()[0])
-                modules.add(m["module"].rsplit(".", 1)[-1])
+    try:
+        with safe_open(Path(directory) / WEIGHTS_NAME, framework="pt") as f:
+            for key in f.keys():
+                m = split_key(key.removeprefix(KEY_PREFIX))
+                if m and m[1] == "A":
+                    ranks.append(f.get_slice(key).get_shape()[0])
+                    modules.add(m[0].rsplit(".", 1)[-1])
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise AdapterError([f"{WEIGHTS_NAME} is not a valid safetensors file ({str(e)[:120]})"]) from None
     return max(ranks, default=0), config.get("lora_alpha", 8), sorted(modules)

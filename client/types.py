@@ -158,6 +158,10 @@ class Adapter(_Response):
     sha256: str | None = None
     version: int
     created_at: int
+    owned_by: str | None = None
+    """The tenant that uploaded it ("system": the operator's)."""
+    public: bool = False
+    """Usable by every tenant, not only its owner."""
 
 
 class FileObject(_Response):

@@ -3,6 +3,10 @@ disconnects and shutdown need a real one)."""
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -56,6 +60,54 @@ def start_server(settings: Settings, timeout: float = 120) -> LiveServer:
 
 def tiny_settings(model_dir: Path, data_dir: Path, **overrides) -> Settings:
     """Small limits for a tiny model: eager LoRA backend, 8 rows of 128 tokens, 16 pages of 8 rank rows."""
-    defaults = dict(model=str(model_dir), data_dir=data_dir, max_model_len=128, max_num_seqs=8, lora_pages=16,
-                    lora_page_size=8, max_lora_rank=16, lora_backend="eager")
+    defaults = dict(
+        model=str(model_dir),
+        data_dir=data_dir,
+        max_model_len=128,
+        max_num_seqs=8,
+        lora_pages=16,
+        lora_page_size=8,
+        max_lora_rank=16,
+        lora_backend="eager",
+    )
     return Settings(**(defaults | overrides))
+
+
+def spawn_server(env: dict[str, str], timeout: float = 120) -> tuple[subprocess.Popen, str]:
+    """`python -m server` in a process of its own (signals reach it as they reach a real server), configured by `env`
+    (LORAPLEX_* variables, on top of the environment's others); (process, url) once it is ready."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    full = {k: v for k, v in os.environ.items() if not k.startswith("LORAPLEX_")} | env
+    proc = subprocess.Popen([sys.executable, "-m", "server", "--port", str(port), "--log-level", "warning"],
+                            cwd=REPO, env=full, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError("the server did not start")
+        try:
+            if httpx.get(f"{url}/health/ready").status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+
+
+def stream_in_thread(url: str, body: dict) -> tuple[threading.Thread, list[str], threading.Event]:
+    """POST `body` to /v1/completions as a stream in a thread: (thread, the `data:` payloads so far, set at the first)."""
+    events: list[str] = []
+    first = threading.Event()
+
+    def stream() -> None:
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line[6:])
+                    first.set()
+
+    t = threading.Thread(target=stream)
+    t.start()
+    return t, events, first

@@ -47,6 +47,8 @@ class Adapter:
     size_bytes: int = 0
     created_at: int = field(default_factory=lambda: int(time.time()))
     retired: bool = False  # replaced or deleted: no new request may use it
+    owner: str | None = None  # the tenant that created it; None: the operator's (--adapter-dir, older stores)
+    public: bool = False  # usable and listed by every tenant, not only its owner
 
 
 class AdapterRegistry:
@@ -64,7 +66,8 @@ class AdapterRegistry:
         self.host_evictions = 0
 
     def add(self, name: str, weights: LoraWeights, *, overwrite: bool = False, path: Path | None = None,
-            sha256: str | None = None, size_bytes: int = 0, version: int | None = None) -> Adapter:
+            sha256: str | None = None, size_bytes: int = 0, version: int | None = None, owner: str | None = None,
+            public: bool = False) -> Adapter:  # fmt: skip
         with self._lock:
             old = self._by_name.get(name)
             if old is not None and not overwrite:
@@ -80,6 +83,8 @@ class AdapterRegistry:
                 path=path,
                 sha256=sha256,
                 size_bytes=size_bytes or weights.nbytes,
+                owner=owner,
+                public=public,
             )
             self._by_name[name] = adapter
             if old is not None:
@@ -88,14 +93,15 @@ class AdapterRegistry:
             return adapter
 
     def add_stored(self, name: str, version: int, rank: int, alpha: float, target_modules: list[str], *, path: Path,
-                   sha256: str | None, size_bytes: int, created_at: int) -> Adapter:
+                   sha256: str | None, size_bytes: int, created_at: int, owner: str | None = None,
+                   public: bool = False) -> Adapter:
         """Register an adapter whose weights stay on disk until a request needs them."""
         with self._lock:
             if name in self._by_name:
                 raise AdapterExists(name)
             adapter = Adapter(name=name, key=next(self._keys), version=version, rank=rank, alpha=alpha,
                               target_modules=target_modules, weights=None, path=path, sha256=sha256,
-                              size_bytes=size_bytes, created_at=created_at)
+                              size_bytes=size_bytes, created_at=created_at, owner=owner, public=public)
             self._by_name[name] = adapter
             return adapter
 

@@ -25,13 +25,13 @@ LOG_WINDOW = 10  # optimizer steps whose mean loss is TrainResult.train_loss
 
 
 class Hyperparameters(BaseModel):
-    """What a user may set for a run (`loraplex train` options, a job's `method.hyperparameters`)."""
+    """What a user may set for a run (`loraplex train` options, a job's `method.hyperparameters`); every float finite."""
 
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, allow_inf_nan=False)
 
     rank: int = Field(8, ge=1)
     """LoRA rank r."""
-    alpha: float | None = Field(None, gt=0)
+    alpha: float | None = Field(None, gt=0, le=2**16)
     """LoRA alpha: the term is scaled by alpha / rank (default: 2 × rank)."""
     dropout: float = Field(0.0, ge=0, lt=1)
     """Dropout on the LoRA branch's input (lora only)."""
@@ -41,7 +41,7 @@ class Hyperparameters(BaseModel):
     """Passes over the training file."""
     max_steps: int | None = Field(None, ge=1)
     """Optimizer steps; when set it overrides n_epochs."""
-    learning_rate: float = Field(2e-4, gt=0)
+    learning_rate: float = Field(2e-4, gt=0, le=10)
     """Peak learning rate."""
     batch_size: int = Field(8, ge=1)
     """Examples (or packed rows) per micro-batch."""

@@ -70,6 +70,9 @@ def read_jsonl(path: Path, max_examples: int | None = None, max_problems: int = 
         except json.JSONDecodeError as e:
             problems.append(f"line {n}: not valid JSON ({e.msg})")
             continue
+        except RecursionError:
+            problems.append(f"line {n}: nests too deeply")
+            continue
         why = _check_line(obj)
         if why:
             problems.append(f"line {n}: {why}")

@@ -17,11 +17,15 @@ def serve(
     import uvicorn
 
     from server.http.app import create_app
+    from server.http.drain import GRACE, DrainingServer
 
     settings = build(Settings, **given(options, Settings))
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=log_level,
-                timeout_graceful_shutdown=int(settings.drain_timeout))  # fmt: skip
+    app = create_app(settings)
+    # SIGTERM drains first (server.http.drain); uvicorn's own graceful shutdown then has nothing left to wait for
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level,
+                            timeout_graceful_shutdown=int(GRACE))  # fmt: skip
+    DrainingServer(config, app.state.loraplex, settings.drain_timeout).run()
 
 
 with_options(serve, options_of(Settings, env_prefix=Settings.model_config["env_prefix"]))

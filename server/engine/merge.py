@@ -13,6 +13,7 @@ of its weight (oneDNN's packed layout, CPU only) renews it through `MultiLoraLin
 
 from __future__ import annotations
 
+import logging
 from collections import Counter, deque
 
 import torch
@@ -23,6 +24,7 @@ from adapters.peft_io import LoraWeights
 from adapters.tiers.pool import LoraPool
 from adapters.tiers.registry import Adapter
 
+log = logging.getLogger(__name__)
 UNMERGE_MARGIN = 0.2  # hysteresis: unmerge only when the share falls this far below the threshold
 
 
@@ -36,6 +38,7 @@ class AutoMerger:
         self._history: deque[tuple[Adapter | None, float]] = deque(maxlen=window)
         self.merges = 0
         self.unmerges = 0
+        self.refused: set[int] = set()  # keys of adapters whose merge would have made a weight non-finite
 
     def observe(self, singles: list[tuple[Adapter, tuple[int, ...], LoraWeights] | None]) -> None:
         """One decode step's rows: (adapter, its pages, its weights) for a row served by exactly one
@@ -53,8 +56,13 @@ class AutoMerger:
             self.merge(top, pages, weights)
 
     def merge(self, adapter: Adapter, pages: tuple[int, ...], weights: LoraWeights) -> None:
+        """Fold `adapter` into the base weights, unless that makes any weight NaN or Inf: then every weight is
+        restored from its backup, the merge refused (for good, for this version) and logged."""
+        if adapter.key in self.refused:
+            return
         self.pool.acquire(adapter, weights)  # held while merged
         index = torch.tensor(pages, device=self.pool.device)
+        finite = torch.ones((), dtype=torch.bool, device=self.pool.device)
         for module in weights.modules:
             layer = self.layers[module]
             a = layer.lora_A[index].flatten(0, 1)  # (K·G, in)
@@ -65,7 +73,19 @@ class AutoMerger:
             # W += B·A in place, (out, in); Conv1D stores (in, out)
             lhs, rhs = (a.T, bt) if isinstance(layer.base_layer, Conv1D) else (bt.T, a)
             w.detach().addmm_(lhs.to(w.dtype), rhs.to(w.dtype))
-            layer.base_changed()
+            finite &= torch.isfinite(w).all()
+        if not bool(finite):  # the merge's one read from the device
+            for module, backup in self._backups.items():
+                self.layers[module].base_layer.weight.detach().copy_(backup)
+            self._backups.clear()
+            self.pool.release(adapter)
+            self.refused.add(adapter.key)
+            self._history.clear()
+            log.error("refused to merge adapter %r (version %d): the merged weights would not be finite",
+                      adapter.name, adapter.version)
+            return
+        for module in weights.modules:
+            self.layers[module].base_changed()
         self.merged, self.merged_pages = adapter, pages
         self._history.clear()
         self.merges += 1

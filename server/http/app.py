@@ -1,8 +1,11 @@
 """`create_app(settings)`: the FastAPI app, with no import-time singletons.
 
 The process listens at once; a start-up thread loads the base model, builds and warms the engine and the adapter
-catalog (`/health/ready` says 503 until then). Shutdown (SIGTERM) drains: uvicorn stops accepting, running
-requests finish within `drain_timeout`, training workers checkpoint, then the engine stops.
+catalog (`/health/ready` says 503 until then). SIGTERM drains (`server.http.drain`, when served by `loraplex
+serve`): new requests get 503 at once, running ones finish until `drain_timeout`, training workers checkpoint,
+then the engine stops. Every request passes, outermost first: `InternalErrors` (a 500 that keeps the connection),
+`AllowedHosts` (the Host header), `BodySizeLimit` (413), then the routes, whose API key is checked before their
+body is read (`server.http.auth`).
 """
 
 from __future__ import annotations
@@ -22,8 +25,8 @@ from server.engine.config import CpuConfig, EngineConfig
 from server.engine.engine import Engine
 from server.engine.model import load_base_model, pick_device
 from server.engine.platform import configure_process
-from server.http.auth import load_api_keys
-from server.http.errors import install_error_handlers
+from server.http.auth import AllowedHosts, load_api_keys
+from server.http.errors import InternalErrors, install_error_handlers
 from server.http.limits import BodySizeLimit
 from server.http.openai import OpenAIServing
 from server.http.routes import adapters, completions, files, health, jobs, models
@@ -48,6 +51,7 @@ def start_engine(state: AppState) -> None:
             load_peft_adapter(path)))  # a host-tier miss: read again from disk (validated when it arrived)
         catalog = AdapterCatalog(state.store, state.registry, base.model_id, engine.layer_shapes(), s.max_lora_rank,
                                  on_retire=engine.drop_retired, prepare=prepare)  # fmt: skip
+        state.skipped = catalog.skipped  # /health/ready reports them
         catalog.register_stored()
         if s.adapter_dir:
             catalog.register_directory(s.adapter_dir)
@@ -87,7 +91,7 @@ def start_engine(state: AppState) -> None:
 def create_app(settings: Settings) -> FastAPI:
     # process-wide CPU policies, before any thread allocates (server.engine.platform)
     configure_process(settings.section(CpuConfig), pick_device(settings.device))
-    jobs_db = JobStore(settings.data_dir / "jobs.db")
+    jobs_db = JobStore(settings.data_dir / "jobs.db", settings.jobs_db_synchronous)
     job_service = JobService(
         jobs_db, settings.data_dir, settings.section(JobsConfig), settings.drain_timeout,
         model_path=lambda: state.base.path if state.ready else None, catalog=lambda: state.catalog,
@@ -116,12 +120,15 @@ def create_app(settings: Settings) -> FastAPI:
             state.engine.stop()
         jobs_db.close()
 
-    app = FastAPI(title="loraplex", lifespan=lifespan)
+    # the docs routes are served by routes.health, behind the docs_access setting
+    app = FastAPI(title="loraplex", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.loraplex = state
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, default=settings.max_request_bytes,
                        per_path={"/v1/adapters": settings.max_upload_bytes,
                                  "/v1/files": settings.max_training_file_bytes})  # fmt: skip
+    app.add_middleware(AllowedHosts, allowed_hosts=settings.trusted_hosts())
+    app.add_middleware(InternalErrors)  # outermost of ours: after it only Starlette's ServerErrorMiddleware
     for routes in (health, models, completions, adapters, files, jobs):
         app.include_router(routes.router)
     return app

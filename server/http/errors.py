@@ -1,5 +1,9 @@
 """The OpenAI error envelope, for every non-2xx answer on /v1/*, and the one place where the errors of the layers
-below (adapter catalog, job service) become HTTP statuses, so routes need not catch them."""
+below (adapter catalog, job service) become HTTP statuses, so routes need not catch them.
+
+An error nobody mapped becomes a 500 in the envelope, answered by `InternalErrors` without re-raising: uvicorn
+closes a keep-alive connection whose app raised, and a client's connection should outlive one failed request.
+Lists of problems are capped (`MAX_PROBLEMS`), so no error body grows with what a client sent."""
 
 from __future__ import annotations
 
@@ -10,12 +14,15 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from adapters.peft_io import AdapterError
 from adapters.tiers.registry import AdapterExists, AdapterNotFound
+from server.catalog import AdapterNotOwned
 from server.jobs.service import Conflict, JobRefused, NotFound
 
 log = logging.getLogger(__name__)
+MAX_PROBLEMS = 20
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "invalid_request_error",
           405: "invalid_request_error", 409: "invalid_request_error", 413: "invalid_request_error",
@@ -27,6 +34,7 @@ class APIError(Exception):
 
     def __init__(self, status: int, message: str, type: str | None = None, param: str | None = None,
                  code: str | None = None, headers: dict[str, str] | None = None):
+        message = message.encode("utf-8", "backslashreplace").decode()  # a lone surrogate echoed back stays JSON
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
         self.type = type or _TYPES.get(status, "server_error")
@@ -38,6 +46,12 @@ class APIError(Exception):
 
 def error_response(err: APIError) -> JSONResponse:
     return JSONResponse(err.envelope(), status_code=err.status, headers=err.headers)
+
+
+def join_problems(problems: list[str]) -> str:
+    """The problems as one message, at most `MAX_PROBLEMS` of them."""
+    more = len(problems) - MAX_PROBLEMS
+    return "; ".join(problems[:MAX_PROBLEMS]) + (f"; and {more} more" if more > 0 else "")
 
 
 def _loc(loc: tuple) -> str | None:
@@ -55,12 +69,14 @@ def _not_found(e: NotFound) -> APIError:
 
 # what the layers below raise → the answer (API.md, Conventions)
 DOMAIN_ERRORS: dict[type[Exception], Callable[[Exception], APIError]] = {
-    AdapterError: lambda e: APIError(400, "invalid adapter: " + "; ".join(e.problems), param="file"),
+    AdapterError: lambda e: APIError(400, "invalid adapter: " + join_problems(e.problems), param="file"),
     AdapterNotFound: lambda e: APIError(404, f"The adapter '{e.args[0]}' does not exist.", param="name",
                                         code="model_not_found"),  # fmt: skip
     AdapterExists: lambda e: APIError(409, f"an adapter named '{e.args[0]}' exists (use ?overwrite=true to replace it)",
                                       param="name", code="adapter_exists"),  # fmt: skip
-    JobRefused: lambda e: APIError(400, "; ".join(e.problems), param=e.param),
+    AdapterNotOwned: lambda e: APIError(403, f"The adapter '{e.args[0]}' belongs to another tenant.", "permission_error",
+                                        "name", "not_owner"),  # fmt: skip
+    JobRefused: lambda e: APIError(400, join_problems(e.problems), param=e.param),
     NotFound: _not_found,
     Conflict: lambda e: APIError(409, e.message, param=e.param, code=e.code),
 }
@@ -92,7 +108,29 @@ def install_error_handlers(app: FastAPI) -> None:
             message = f"no route {request.method} {request.url.path}"
         return error_response(APIError(exc.status_code, message, headers=getattr(exc, "headers", None)))
 
-    @app.exception_handler(Exception)
-    async def _internal(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(APIError(500, "internal server error", "server_error"))
+
+
+class InternalErrors:
+    """ASGI middleware: any exception the app did not answer becomes a 500 in the envelope, not a re-raise (which
+    would make uvicorn drop the connection); once a response has started there is nothing left to answer."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception:
+            log.exception("unhandled error on %s %s", scope["method"], scope["path"])
+            if not started:
+                await error_response(APIError(500, "internal server error", "server_error"))(scope, receive, send)

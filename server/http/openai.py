@@ -2,15 +2,21 @@
 
 Translates a validated request into engine requests (one per prompt × n), and their outputs
 into OpenAI response bodies or SSE chunks (vLLM's `OpenAIServingCompletion` / `OpenAIServingChat`).
-Errors are raised as `APIError`; the routes only map them to HTTP.
+Errors are raised as `APIError`; the routes only map them to HTTP. Prompts are bounded and tokenized off the
+event loop (`server.http.prompts`), and so are whole response bodies; engine requests are counted against the
+queue from the moment they are checked until the engine has them (so concurrent requests cannot overshoot
+`max_waiting`). `shutdown()` ends every running request with a 503 error (a stream: an error event, then
+`[DONE]`), for the end of a drain.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 from adapters.tiers.registry import AdapterNotFound
@@ -21,7 +27,18 @@ from server.engine.request import AdapterUse, RequestOutput
 from server.engine.sampling import SamplingParams, TokenLogprob
 from server.http.errors import APIError
 from server.http.metrics import Metrics
+from server.http.prompts import PromptBuilder
 from server.http.protocol import ChatCompletionRequest, CompletionRequest
+from server.tenants import OPERATOR, Tenant
+
+Admit = Callable[[int], AbstractContextManager]
+"""Called with a request's token cost (prompt + requested completion tokens) before it starts; held until it ends
+(per-key limits: may raise APIError 429)."""
+NO_LOGPROB = -9999.0  # what OpenAI reports for a probability of zero; JSON has no -Infinity or NaN
+
+
+def _finite(x: float) -> float:
+    return x if math.isfinite(x) else NO_LOGPROB
 
 
 @dataclass
@@ -58,11 +75,27 @@ class OpenAIServing:
         self.catalog = catalog
         self.max_model_len = max_model_len
         self.metrics = metrics
+        self.prompts = PromptBuilder(base.tokenizer, max_model_len, engine.max_waiting)
+        self._reserved = 0  # engine requests checked against the queue but not yet submitted
+        self._runs: set[asyncio.Queue] = set()  # the output queue of every running request
+        self._token_texts: dict[int, str] = {}
+
+    @property
+    def active(self) -> int:
+        """Requests running (streamed or not)."""
+        return len(self._runs)
+
+    def shutdown(self, message: str = "the server is shutting down") -> None:
+        """End every running request now with a 503 (see the module docstring)."""
+        for queue in self._runs:
+            queue.put_nowait((None, APIError(503, message, "server_error")))
 
     # ---- request → engine -------------------------------------------------------------------
 
-    async def resolve_adapters(self, req: CompletionRequest | ChatCompletionRequest) -> list[AdapterUse]:
-        """The adapters a request names, with their weights (read from disk if the host tier dropped them)."""
+    async def resolve_adapters(self, req: CompletionRequest | ChatCompletionRequest, tenant: Tenant = OPERATOR
+                               ) -> list[AdapterUse]:  # fmt: skip
+        """The adapters a request names, as `tenant` sees them, with their weights (read from disk if the host tier
+        dropped them)."""
         named: list[tuple[str, float, str]] = []
         if req.model != self.base.model_id:
             named.append((req.model, 1.0, "model"))
@@ -70,7 +103,7 @@ class OpenAIServing:
         uses = []
         for name, weight, param in named:
             try:
-                adapter = self.catalog.get(name)
+                adapter = self.catalog.get(name, tenant)
             except AdapterNotFound:
                 what = "model" if param == "model" else "adapter"
                 raise APIError(404, f"The {what} '{name}' does not exist.", "invalid_request_error", param, "model_not_found") from None
@@ -109,46 +142,31 @@ class OpenAIServing:
             logprobs=logprobs,
         )
 
-    def completion_prompts(self, req: CompletionRequest) -> list[list[int]]:
-        p = req.prompt
-        if isinstance(p, str):
-            prompts = [p]
-        elif p and all(isinstance(t, int) for t in p):
-            prompts = [list(p)]
-        else:
-            prompts = list(p)
-        if not prompts:
-            raise APIError(400, "prompt must not be empty", "invalid_request_error", "prompt")
-        out = []
-        for x in prompts:
-            ids = list(x) if isinstance(x, list) else self.tokenizer(x)["input_ids"]
-            if not ids or any(not 0 <= t < len(self.tokenizer) for t in ids):
-                raise APIError(400, "prompt is empty or holds token ids outside the vocabulary", "invalid_request_error", "prompt")
-            out.append(ids)
-        return out
-
-    def chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-        try:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt, tokenize=False)
-        except Exception as e:  # a template that rejects this conversation (e.g. roles out of order)
-            raise APIError(400, f"the chat template rejected the messages: {e}", "invalid_request_error", "messages") from None
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    async def _run(self, prompts: list[list[int]], req, max_tokens, logprobs, uses) -> AsyncIterator[tuple[int, RequestOutput]]:
+    async def _run(self, prompts: list[list[int]], req, max_tokens, logprobs, uses, admit: Admit | None
+                   ) -> AsyncIterator[tuple[int, RequestOutput]]:  # fmt: skip
         """Start every choice, then yield (choice index, output) as they come; closing aborts all."""
         self._check(req)
         params = [self._params(req, len(p), max_tokens, logprobs, j) for p in prompts for j in range(req.n)]
-        label = self.metrics.adapter_label(req.model if uses else "base")
-        self.metrics.adapter_requests.labels(label).inc()
-        try:
-            self.engine.check_capacity(len(params))
-        except Overloaded as e:
-            raise APIError(503, str(e), "server_error", headers={"Retry-After": "1"}) from None
+        cost = sum(len(p) for p in prompts) * req.n + sum(sp.max_tokens for sp in params)
+        with admit(cost) if admit else nullcontext():
+            label = self.metrics.adapter_label(req.model if uses else "base")
+            self.metrics.adapter_requests.labels(label).inc()
+            try:
+                self.engine.check_capacity(len(params) + self._reserved)
+            except Overloaded as e:
+                raise APIError(503, str(e), "server_error", headers={"Retry-After": "1"}) from None
+            async for item in self._outputs(prompts, req, params, uses):
+                yield item
+
+    async def _outputs(self, prompts, req, params, uses) -> AsyncIterator[tuple[int, RequestOutput]]:
         queue: asyncio.Queue = asyncio.Queue()
         gens = [self.engine.generate(prompts[i // req.n], sp, uses) for i, sp in enumerate(params)]
+        unsubmitted = [len(gens)]  # reserved in the queue's count until each pump submits its request
+        self._reserved += len(gens)
 
         async def pump(i: int, gen) -> None:
+            unsubmitted[0] -= 1
+            self._reserved -= 1  # no await until `generate` has submitted: the engine counts it from here
             try:
                 async for out in gen:
                     await queue.put((i, out))
@@ -156,16 +174,22 @@ class OpenAIServing:
                 await queue.put((i, RequestOutput("", "", [], None, "error", 0, 0, f"internal error: {e.__class__.__name__}")))
 
         tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(gens)]
+        self._runs.add(queue)
         done = 0
         try:
             while done < len(tasks):
                 i, out = await queue.get()
+                if i is None:  # shutdown()
+                    raise out
                 if out.finish_reason is not None:
                     done += 1
                     self.metrics.generation_tokens.inc(out.completion_tokens)
                     self.metrics.prompt_tokens.inc(out.prompt_tokens)
                 yield i, out
         finally:
+            self._runs.discard(queue)
+            self._reserved -= unsubmitted[0]  # pumps cancelled before they ran
+            unsubmitted[0] = 0
             for t in tasks:
                 t.cancel()
             # a cancelled pump closes its generator, which aborts the request in the engine
@@ -174,7 +198,10 @@ class OpenAIServing:
     # ---- engine → response --------------------------------------------------------------------
 
     def _token_text(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id])
+        text = self._token_texts.get(token_id)
+        if text is None:  # one entry per vocabulary token at most
+            text = self._token_texts[token_id] = self.tokenizer.decode([token_id])
+        return text
 
     def completion_logprobs(self, lps: list[TokenLogprob], offset: int) -> dict:
         tokens = [self._token_text(lp.token_id) for lp in lps]
@@ -184,15 +211,15 @@ class OpenAIServing:
             offset += len(t)
         return {
             "tokens": tokens,
-            "token_logprobs": [lp.logprob for lp in lps],
-            "top_logprobs": [{self._token_text(t): v for t, v in lp.top} for lp in lps],
+            "token_logprobs": [_finite(lp.logprob) for lp in lps],
+            "top_logprobs": [{self._token_text(t): _finite(v) for t, v in lp.top} for lp in lps],
             "text_offset": offsets,
         }
 
     def chat_logprobs(self, lps: list[TokenLogprob]) -> dict:
         def entry(tid: int, lp: float) -> dict:
             text = self._token_text(tid)
-            return {"token": text, "logprob": lp, "bytes": list(text.encode())}
+            return {"token": text, "logprob": _finite(lp), "bytes": list(text.encode())}
 
         return {"content": [entry(lp.token_id, lp.logprob) | {"top_logprobs": [entry(t, v) for t, v in lp.top]} for lp in lps]}
 
@@ -200,12 +227,15 @@ class OpenAIServing:
     def usage(prompt_tokens: int, completion_tokens: int) -> dict:
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
 
-    async def complete(self, req: CompletionRequest) -> dict:
-        uses = await self.resolve_adapters(req)
-        prompts = self.completion_prompts(req)
+    async def complete(self, req: CompletionRequest, tenant: Tenant = OPERATOR, admit: Admit | None = None) -> dict:
+        uses = await self.resolve_adapters(req, tenant)
+        prompts = await self.prompts.completion_prompts(req)
         choices = [_Choice(i, len(prompts[i // req.n])) for i in range(len(prompts) * req.n)]
-        async for i, out in self._run(prompts, req, req.max_tokens, req.logprobs, uses):
+        async for i, out in self._run(prompts, req, req.max_tokens, req.logprobs, uses, admit):
             choices[i].add(out)
+        return await asyncio.to_thread(self._completion_body, req, prompts, choices)  # decoding, off the loop
+
+    def _completion_body(self, req: CompletionRequest, prompts: list[list[int]], choices: list[_Choice]) -> dict:
         body = []
         for c in choices:
             prefix = self.tokenizer.decode(prompts[c.index // req.n]) if req.echo else ""
@@ -220,13 +250,16 @@ class OpenAIServing:
             "usage": self.usage(sum(len(p) for p in prompts), sum(len(c.token_ids) for c in choices)),
         }
 
-    async def chat(self, req: ChatCompletionRequest) -> dict:
-        uses = await self.resolve_adapters(req)
-        prompt = self.chat_prompt(req)
+    async def chat(self, req: ChatCompletionRequest, tenant: Tenant = OPERATOR, admit: Admit | None = None) -> dict:
+        uses = await self.resolve_adapters(req, tenant)
+        prompt = await self.prompts.chat_prompt(req)
         k = (req.top_logprobs or 0) if req.logprobs else None
         choices = [_Choice(i, len(prompt)) for i in range(req.n)]
-        async for i, out in self._run([prompt], req, req.max_completion_tokens or req.max_tokens, k, uses):
+        async for i, out in self._run([prompt], req, req.max_completion_tokens or req.max_tokens, k, uses, admit):
             choices[i].add(out)
+        return await asyncio.to_thread(self._chat_body, req, prompt, choices)
+
+    def _chat_body(self, req: ChatCompletionRequest, prompt: list[int], choices: list[_Choice]) -> dict:
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "object": "chat.completion",
@@ -244,11 +277,12 @@ class OpenAIServing:
             "usage": self.usage(len(prompt), sum(len(c.token_ids) for c in choices)),
         }
 
-    async def stream_completion(self, req: CompletionRequest) -> AsyncIterator[dict]:
+    async def stream_completion(self, req: CompletionRequest, tenant: Tenant = OPERATOR, admit: Admit | None = None
+                                ) -> AsyncIterator[dict]:  # fmt: skip
         """Validate eagerly (errors before the stream starts become HTTP errors), then stream."""
-        uses = await self.resolve_adapters(req)
-        prompts = self.completion_prompts(req)
-        run = self._run(prompts, req, req.max_tokens, req.logprobs, uses)
+        uses = await self.resolve_adapters(req, tenant)
+        prompts = await self.prompts.completion_prompts(req)
+        run = self._run(prompts, req, req.max_tokens, req.logprobs, uses, admit)
         first = await anext(run)  # starts the engine requests; raises APIError before any byte is sent
         return self._completion_chunks(req, prompts, run, first)
 
@@ -293,11 +327,12 @@ class OpenAIServing:
                 "usage": self.usage(sum(len(p) for p in prompts) * 1, completion_tokens),
             }
 
-    async def stream_chat(self, req: ChatCompletionRequest) -> AsyncIterator[dict]:
-        uses = await self.resolve_adapters(req)
-        prompt = self.chat_prompt(req)
+    async def stream_chat(self, req: ChatCompletionRequest, tenant: Tenant = OPERATOR, admit: Admit | None = None
+                          ) -> AsyncIterator[dict]:  # fmt: skip
+        uses = await self.resolve_adapters(req, tenant)
+        prompt = await self.prompts.chat_prompt(req)
         k = (req.top_logprobs or 0) if req.logprobs else None
-        run = self._run([prompt], req, req.max_completion_tokens or req.max_tokens, k, uses)
+        run = self._run([prompt], req, req.max_completion_tokens or req.max_tokens, k, uses, admit)
         first = await anext(run)
         return self._chat_chunks(req, prompt, run, first)
 

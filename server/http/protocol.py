@@ -1,20 +1,40 @@
 """OpenAI-compatible request schemas (completions, chat) with vLLM's extensions and ours.
 
-Unknown fields are ignored, as vLLM does; fields we cannot honour are refused, never ignored.
+Unknown fields are ignored, as vLLM does; fields we cannot honour are refused, never ignored. What a client sends
+is bounded here, before anything else looks at it: every float finite, every string valid Unicode (a lone UTF-16
+surrogate can be neither tokenized nor sent back), `seed` a 64-bit integer, the counts of messages and stop sequences capped (the prompts' count and lengths are
+checked against the queue and the context before tokenization, in `server.http.prompts`).
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from adapters.names import NAME_PATTERN
 from adapters.training.config import Hyperparameters
 
+MAX_MESSAGES = 4096
+MAX_STOP = 16  # stop sequences
+MAX_STOP_CHARS = 1024  # characters of one stop sequence
+MAX_STOP_TOKEN_IDS = 256
+
+
+def _valid_unicode(s: str) -> str:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("the text holds a lone UTF-16 surrogate (not valid Unicode)") from None
+    return s
+
+
+Text = Annotated[str, AfterValidator(_valid_unicode)]
+TokenId = Annotated[int, Field(ge=0, lt=2**31)]
+
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
 class StreamOptions(_Request):
@@ -29,21 +49,25 @@ class AdapterWeight(_Request):
 
 
 class _Sampling(_Request):
-    model: str
+    model: Text
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = Field(None, validate_default=True)
-    seed: int | None = None
+    stop: (
+        Annotated[Text, Field(max_length=MAX_STOP_CHARS)]
+        | list[Annotated[Text, Field(max_length=MAX_STOP_CHARS)]]
+        | None
+    ) = Field(None, validate_default=True)
+    seed: int | None = Field(None, ge=-(2**63), lt=2**63)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    user: str | None = None
+    user: Text | None = None
     # vLLM extensions
     ignore_eos: bool = False
     min_tokens: int = Field(0, ge=0)
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[TokenId] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
     # loraplex extension
     adapters: list[AdapterWeight] | None = Field(None, max_length=16)
 
@@ -53,8 +77,8 @@ class _Sampling(_Request):
         if v is None:
             return []
         stops = [v] if isinstance(v, str) else v
-        if len(stops) > 16:
-            raise ValueError("at most 16 stop sequences")
+        if len(stops) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop sequences")
         return stops
 
     def unsupported(self) -> str | None:
@@ -65,11 +89,11 @@ class _Sampling(_Request):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: Text | list[Text] | list[TokenId] | list[list[TokenId]]  # counts and lengths: server.http.prompts
     max_tokens: int | None = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
-    suffix: str | None = None
+    suffix: Text | None = None
     best_of: int | None = None
 
     def unsupported(self) -> str | None:
@@ -82,13 +106,13 @@ class CompletionRequest(_Sampling):
 
 class TextPart(_Request):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
-    name: str | None = None
+    content: Text | list[TextPart] | None = None
+    name: Text | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -97,7 +121,7 @@ class ChatMessage(_Request):
 
 
 class ChatCompletionRequest(_Sampling):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
@@ -125,7 +149,9 @@ class JobHyperparameters(Hyperparameters):
 
     n_epochs: PositiveInt | Literal["auto"] = Hyperparameters.model_fields["n_epochs"].default
     batch_size: PositiveInt | Literal["auto"] = Hyperparameters.model_fields["batch_size"].default
-    learning_rate: Annotated[float, Field(gt=0)] | Literal["auto"] = Hyperparameters.model_fields["learning_rate"].default
+    learning_rate: Annotated[float, Field(gt=0, le=10)] | Literal["auto"] = Hyperparameters.model_fields[
+        "learning_rate"
+    ].default
 
     def resolved(self) -> Hyperparameters:
         """The trainer's hyperparameters, "auto" taking the default."""
@@ -140,11 +166,11 @@ class Method(BaseModel):
 
 
 class JobCreateRequest(_Request):
-    training_file: str
-    adapter_name: str
-    validation_file: str | None = None
-    model: str | None = None  # OpenAI requires it; here it may name the base model (or be left out)
+    training_file: Text
+    adapter_name: Text
+    validation_file: Text | None = None
+    model: Text | None = None  # OpenAI requires it; here it may name the base model (or be left out)
     method: Method = Field(default_factory=Method)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**63)
     max_seconds: float | None = Field(None, gt=0)  # extension: wall-clock budget (default: the server's limit)
     overwrite: bool = False  # extension: replace an adapter of that name when the job succeeds

@@ -1,8 +1,8 @@
 """The app's typed state, and the FastAPI dependencies through which routes reach it.
 
 `AppState` is built by `create_app` (no import-time singletons); what needs the model (engine, catalog, OpenAI
-serving) is filled in by the start-up thread once it is loaded. Routes take `State` (always), `Ready` (503 until
-the model is loaded and while draining), and `require(scope)` for the API key.
+serving) is filled in by the start-up thread once it is loaded. Routes take `State` (always) or `Ready` (503 until
+the model is loaded and while draining); the API key and its scopes are `server.http.auth`'s.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ from server.catalog import AdapterCatalog
 from server.engine.async_engine import AsyncEngine
 from server.engine.engine import Engine
 from server.engine.model import BaseModel
-from server.http.auth import check_key
+from server.http.auth import ApiKey
 from server.http.errors import APIError
+from server.http.limits import RateLimits
 from server.http.metrics import Metrics
 from server.http.openai import OpenAIServing
 from server.jobs.service import JobService
@@ -35,8 +36,13 @@ class AppState:
     store: AdapterStore
     jobs: JobStore
     job_service: JobService
-    api_keys: dict[str, set[str]] | None = None
+    api_keys: dict[str, ApiKey] | None = None
     metrics: Metrics = field(default_factory=Metrics)
+    rate_limits: RateLimits = field(default_factory=RateLimits)
+    phase: str = "loading"
+    """What start-up is doing while not ready (`/health/ready`): loading, then ready or failed."""
+    skipped: dict[str, str] = field(default_factory=dict)
+    """Adapters not registered at start-up: {name: why} (a corrupt stored adapter, an invalid directory)."""
     # filled in once the model is loaded
     registry: AdapterRegistry | None = None
     base: BaseModel | None = None
@@ -47,6 +53,9 @@ class AppState:
     load_error: str | None = None
     ready: bool = False
     draining: bool = False
+    """SIGTERM came: /health/ready says so, new requests get 503, running ones finish until the drain deadline."""
+    stopping: bool = False
+    """The drain deadline passed: every stream still open ends now (job event streams too)."""
 
 
 def app_state(request: Request) -> AppState:
@@ -66,12 +75,3 @@ def ready_state(request: Request) -> AppState:
 
 State = Annotated[AppState, Depends(app_state)]
 Ready = Annotated[AppState, Depends(ready_state)]
-
-
-def require(scope: str):
-    """A route dependency: the request's API key must carry `scope` (when keys are configured)."""
-
-    def dep(request: Request) -> None:
-        check_key(app_state(request).api_keys, request, scope)
-
-    return Depends(dep)

@@ -25,6 +25,9 @@ class JobsConfig(BaseModel):
     """Torch threads of each training worker process (serving keeps the rest)."""
     training_nice: int = Field(10, ge=0, le=19)
     """Niceness of training worker processes: serving keeps priority on shared cores."""
+    jobs_db_synchronous: Literal["full", "normal"] = "full"
+    """SQLite durability of the job database (WAL): full survives kill -9 and power loss; normal survives kill -9
+    and may lose the last commits to a power loss."""
     training_device: Literal["cpu", "cuda"] = "cpu"
     """Where training workers put their own copy of the model: the CPU unless set to cuda (a job on the serving GPU
     takes memory the engine's budget does not know of)."""

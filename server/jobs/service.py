@@ -3,7 +3,9 @@
 A training file is checked line by line when it arrives (every bad line named, with its number) and kept under
 an id. A job is checked whole at creation — files, adapter name, rank, target modules, steps and wall-clock
 budget against the server's limits, the trainer's own rules — with every problem in one answer, then queued for
-the supervisor. A finished job's adapter goes through the adapter catalog exactly as an upload does.
+the supervisor. A finished job's adapter goes through the adapter catalog exactly as an upload does. Files and
+jobs belong to the tenant that created them (`server.tenants`): another tenant finds no such id (an admin finds
+all); a job trains only on its tenant's files, and its adapter is its tenant's.
 """
 
 from __future__ import annotations
@@ -22,10 +24,11 @@ from adapters.peft_io import AdapterError
 from adapters.tiers.registry import AdapterExists
 from adapters.training.config import Hyperparameters, Method, count_steps, method_problems
 from adapters.training.data import DataError, read_jsonl
-from server.catalog import AdapterCatalog
+from server.catalog import AdapterCatalog, AdapterNotOwned
 from server.jobs.config import JobsConfig
 from server.jobs.store import TERMINAL, FileRecord, IllegalTransition, JobRecord, JobStore, new_id
 from server.jobs.supervisor import JobSupervisor
+from server.tenants import OPERATOR, Tenant
 
 R = TypeVar("R")
 
@@ -54,8 +57,8 @@ class Conflict(RuntimeError):
         self.message, self.param, self.code = message, param, code
 
 
-def _found(what: str, id: str, record: R | None) -> R:
-    if record is None:
+def _found(what: str, id: str, record: R | None, tenant: Tenant = OPERATOR) -> R:
+    if record is None or not tenant.owns(record.owner):
         raise NotFound(what, id)
     return record
 
@@ -88,7 +91,7 @@ class JobService:
     def file_path(self, file_id: str) -> Path:
         return self.supervisor.file_path(file_id)
 
-    def add_file(self, source: BinaryIO, filename: str, purpose: str) -> FileRecord:
+    def add_file(self, source: BinaryIO, filename: str, purpose: str, tenant: Tenant = OPERATOR) -> FileRecord:
         """Copy the JSONL upload `source`, check it and keep it under a new id; JobRefused if it is bad (then
         nothing is kept). Blocking I/O."""
         if purpose != "fine-tune":
@@ -108,15 +111,18 @@ class JobService:
         finally:
             Path(tmp).unlink(missing_ok=True)
         record = FileRecord(id=file_id, filename=Path(filename).name, bytes=dest.stat().st_size, purpose=purpose,
-                            examples=examples, created_at=int(time.time()))  # fmt: skip
+                            examples=examples, created_at=int(time.time()), owner=tenant.id)  # fmt: skip
         self.store.add_file(record)
         return record
 
-    def get_file(self, file_id: str) -> FileRecord:
-        return _found("file", file_id, self.store.get_file(file_id))
+    def get_file(self, file_id: str, tenant: Tenant = OPERATOR) -> FileRecord:
+        return _found("file", file_id, self.store.get_file(file_id), tenant)
 
-    def delete_file(self, file_id: str) -> None:
-        self.get_file(file_id)
+    def list_files(self, tenant: Tenant = OPERATOR) -> list[FileRecord]:
+        return [f for f in self.store.list_files() if tenant.owns(f.owner)]
+
+    def delete_file(self, file_id: str, tenant: Tenant = OPERATOR) -> None:
+        self.get_file(file_id, tenant)
         if self.store.file_in_use(file_id):
             raise Conflict(f"the file '{file_id}' is used by a job that has not finished", "file_id")
         self.store.delete_file(file_id)
@@ -124,12 +130,15 @@ class JobService:
 
     # ---- jobs -------------------------------------------------------------------------------
 
-    def get_job(self, job_id: str) -> JobRecord:
-        return _found("job", job_id, self.store.get_job(job_id))
+    def get_job(self, job_id: str, tenant: Tenant = OPERATOR) -> JobRecord:
+        return _found("job", job_id, self.store.get_job(job_id), tenant)
 
-    def create(self, req: JobRequest) -> JobRecord:
+    def list_jobs(self, tenant: Tenant = OPERATOR) -> list[JobRecord]:
+        return [j for j in self.store.list_jobs() if tenant.owns(j.owner)]
+
+    def create(self, req: JobRequest, tenant: Tenant = OPERATOR) -> JobRecord:
         """Check `req` against the loaded model and the limits (JobRefused with every problem; Conflict for a
-        name in use) and queue it."""
+        name in use) and queue it, owned by `tenant`."""
         catalog, limits = self.catalog(), self.config
         if req.model is not None and req.model != catalog.base_model_id:
             raise NotFound("model", req.model)
@@ -140,7 +149,8 @@ class JobService:
             file_id = getattr(req, param)
             if file_id is not None:
                 files[param] = self.store.get_file(file_id)
-                if files[param] is None:
+                if files[param] is None or not tenant.owns(files[param].owner):
+                    files[param] = None
                     problems.append(f"{param}: no file with id '{file_id}'")
         for key in ("rank", "export_rank"):
             value = getattr(hp, key)
@@ -162,6 +172,9 @@ class JobService:
                                 f"{limits.max_train_steps} (lower n_epochs or set max_steps)")  # fmt: skip
         if problems:
             raise JobRefused(problems)
+        if catalog.exists(req.adapter_name) and not tenant.owns(catalog.registry.get(req.adapter_name).owner):
+            raise Conflict(f"an adapter named '{req.adapter_name}' exists and belongs to another tenant",
+                           "adapter_name", "adapter_exists")  # fmt: skip
         if not req.overwrite and catalog.exists(req.adapter_name):
             raise Conflict(f"an adapter named '{req.adapter_name}' exists (set \"overwrite\": true to replace it when "
                            "the job succeeds)", "adapter_name", "adapter_exists")  # fmt: skip
@@ -172,13 +185,13 @@ class JobService:
         seed = req.seed if req.seed is not None else int.from_bytes(os.urandom(4), "little") >> 1
         job = self.store.add_job(adapter_name=req.adapter_name, method=method, training_file=req.training_file,
                                  validation_file=req.validation_file, seed=seed, total_steps=total_steps,
-                                 max_seconds=max_seconds)  # fmt: skip
+                                 max_seconds=max_seconds, owner=tenant.id)  # fmt: skip
         self.supervisor.notify()
         return job
 
-    async def cancel(self, job_id: str) -> JobRecord:
+    async def cancel(self, job_id: str, tenant: Tenant = OPERATOR) -> JobRecord:
         """Cancel a queued job at once, a running one after its current optimizer step; Conflict once finished."""
-        self.get_job(job_id)
+        self.get_job(job_id, tenant)
         try:
             return await self.supervisor.cancel(job_id)
         except IllegalTransition as e:
@@ -188,11 +201,14 @@ class JobService:
     async def _register_trained(self, job: JobRecord, adapter_dir: Path) -> str | None:
         """The supervisor's `register`: a trained adapter passes an upload's validation, then serves at once."""
         try:
-            await self.catalog().add_copy(job.adapter_name, adapter_dir, bool(job.method.get("overwrite")))
+            tenant = Tenant(job.owner, admin=job.owner is None)
+            await self.catalog().add_copy(job.adapter_name, adapter_dir, bool(job.method.get("overwrite")), tenant)
             return None
         except AdapterError as e:
             return "; ".join(e.problems)
         except AdapterExists:
             return f"an adapter named '{job.adapter_name}' exists (the job did not ask to overwrite it)"
+        except AdapterNotOwned:
+            return f"an adapter named '{job.adapter_name}' exists and belongs to another tenant"
         except FileNotFoundError:
             return "the trainer wrote no adapter"

@@ -3,7 +3,11 @@
 Jobs move through an explicit state machine (`TRANSITIONS`); every change is one conditional
 `UPDATE ... WHERE status IN (allowed sources)`, so two writers can never both win and a job
 never leaves a terminal state. Shaped like OpenAI's fine-tuning objects (API.md, Training jobs).
-The database runs in WAL mode; every call takes a short lock on one shared connection.
+The database runs in WAL mode; every call takes a short lock on one shared connection. Durability is a setting
+(`jobs_db_synchronous`): `full` (the default) fsyncs the log at every commit, so a committed write survives a
+kill -9 and a power loss; `normal` survives a kill -9 (the process dies, the OS keeps its writes) but may lose the
+last commits to a power loss. Files and jobs record the tenant that created them (`owner`); a database from before
+that gains the column at start-up (a migration; old rows: the operator's).
 """
 
 from __future__ import annotations
@@ -47,6 +51,8 @@ CREATE TABLE IF NOT EXISTS events (
 );
 CREATE INDEX IF NOT EXISTS events_job ON events (job_id, seq);
 """
+# columns added since the first schema: (table, column, declaration); added to older databases at start-up
+_MIGRATIONS = [("files", "owner", "TEXT"), ("jobs", "owner", "TEXT")]
 
 
 class IllegalTransition(RuntimeError):
@@ -65,6 +71,7 @@ class FileRecord:
     purpose: str
     examples: int
     created_at: int
+    owner: str | None = None
 
     def to_api(self) -> dict:
         return {"id": self.id, "object": "file", "bytes": self.bytes, "filename": self.filename,
@@ -90,6 +97,7 @@ class JobRecord:
     metrics: dict | None
     cancel_requested: bool
     seconds_used: float
+    owner: str | None = None
 
     def to_api(self) -> dict:
         return {
@@ -126,15 +134,20 @@ def _loads(text: str | None) -> Any:
 
 
 class JobStore:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, synchronous: str = "full"):
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
         self._lock = threading.Lock()
+        if synchronous not in ("full", "normal"):
+            raise ValueError(f"synchronous must be 'full' or 'normal', not {synchronous!r}")
         with self._lock:
             self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute(f"PRAGMA synchronous={synchronous.upper()}")
             self._db.executescript(_SCHEMA)
+            for table, column, decl in _MIGRATIONS:
+                if column not in {r["name"] for r in self._db.execute(f"PRAGMA table_info({table})")}:
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
 
     def close(self) -> None:
         with self._lock:
@@ -151,8 +164,9 @@ class JobStore:
     # --- files -------------------------------------------------------------------------
 
     def add_file(self, record: FileRecord) -> None:
-        self._execute("INSERT INTO files VALUES (?, ?, ?, ?, ?, ?)", (
-            record.id, record.filename, record.bytes, record.purpose, record.examples, record.created_at))
+        self._execute("INSERT INTO files (id, filename, bytes, purpose, examples, created_at, owner) VALUES"
+                      " (?, ?, ?, ?, ?, ?, ?)", (record.id, record.filename, record.bytes, record.purpose,
+                                                 record.examples, record.created_at, record.owner))  # fmt: skip
 
     def get_file(self, file_id: str) -> FileRecord | None:
         rows = self._query("SELECT * FROM files WHERE id = ?", (file_id,))
@@ -174,13 +188,13 @@ class JobStore:
     # --- jobs --------------------------------------------------------------------------
 
     def add_job(self, *, adapter_name: str, method: dict, training_file: str, validation_file: str | None, seed: int,
-                total_steps: int, max_seconds: float) -> JobRecord:
+                total_steps: int, max_seconds: float, owner: str | None = None) -> JobRecord:
         job_id, now = new_id("ftjob"), int(time.time())
         self._execute(
             "INSERT INTO jobs (id, adapter_name, status, method, training_file, validation_file, seed, total_steps,"
-            " max_seconds, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " max_seconds, created_at, owner) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (job_id, adapter_name, QUEUED, json.dumps(method), training_file, validation_file, seed, total_steps,
-             max_seconds, now))
+             max_seconds, now, owner))
         self.add_event(job_id, "info", f"Created fine-tuning job {job_id}")
         return self.get_job(job_id)
 

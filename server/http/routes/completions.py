@@ -1,30 +1,36 @@
 """`/v1/completions` and `/v1/chat/completions`: streamed as SSE or answered whole (OpenAI's shapes, through
-`server.http.openai`)."""
+`server.http.openai`). A client that goes away is noticed while its request waits in the queue too (streamed or
+not): its engine requests are aborted before they are admitted."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator
+from functools import partial
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 
+from server.http.auth import AuthRoute, Caller, require
 from server.http.errors import APIError
 from server.http.protocol import ChatCompletionRequest, CompletionRequest
-from server.http.state import AppState, Ready, require
+from server.http.state import AppState, Ready
 
-router = APIRouter(dependencies=[require("inference")])
+log = logging.getLogger(__name__)
+router = APIRouter(dependencies=[require("inference")], route_class=AuthRoute)
 
 
 async def _sse(chunks: AsyncIterator[dict]) -> AsyncIterator[str]:
     """OpenAI's SSE framing; a failure after the stream started is sent as one error event."""
     try:
         async for chunk in chunks:
-            yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+            yield f"data: {json.dumps(chunk, ensure_ascii=False, allow_nan=False)}\n\n"
     except APIError as e:
         yield f"data: {json.dumps(e.envelope())}\n\n"
     except Exception:
+        log.exception("a stream failed")
         yield f"data: {json.dumps(APIError(500, 'internal server error', 'server_error').envelope())}\n\n"
     yield "data: [DONE]\n\n"
 
@@ -42,26 +48,28 @@ async def _unless_disconnected(request: Request, work):
             raise APIError(499, "the client closed the request", "invalid_request_error")
 
 
-async def _generate(st: AppState, request: Request, endpoint: str, body, stream_fn, full_fn):
+async def _generate(st: AppState, request: Request, key, endpoint: str, body, stream_fn, full_fn):
     count = st.metrics.requests.labels
+    args = dict(tenant=key.as_tenant, admit=partial(st.rate_limits.admit, key))
     try:
         if body.stream:
-            chunks = await stream_fn(body)
+            chunks = await _unless_disconnected(request, stream_fn(body, **args))  # queued: still watched
             count(endpoint, "200").inc()
             return StreamingResponse(_sse(chunks), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        result = await _unless_disconnected(request, full_fn(body))
+        result = await _unless_disconnected(request, full_fn(body, **args))
     except APIError as e:
         count(endpoint, str(e.status)).inc()
         raise
     count(endpoint, "200").inc()
-    return result
+    content = await asyncio.to_thread(json.dumps, result, ensure_ascii=False, allow_nan=False)
+    return Response(content, media_type="application/json")
 
 
 @router.post("/v1/completions")
-async def completions(body: CompletionRequest, st: Ready, request: Request):
-    return await _generate(st, request, "completions", body, st.serving.stream_completion, st.serving.complete)
+async def completions(body: CompletionRequest, st: Ready, request: Request, key: Caller):
+    return await _generate(st, request, key, "completions", body, st.serving.stream_completion, st.serving.complete)
 
 
 @router.post("/v1/chat/completions")
-async def chat_completions(body: ChatCompletionRequest, st: Ready, request: Request):
-    return await _generate(st, request, "chat", body, st.serving.stream_chat, st.serving.chat)
+async def chat_completions(body: ChatCompletionRequest, st: Ready, request: Request, key: Caller):
+    return await _generate(st, request, key, "chat", body, st.serving.stream_chat, st.serving.chat)

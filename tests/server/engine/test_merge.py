@@ -70,3 +70,21 @@ def test_mixed_traffic_or_a_retired_adapter_unmerge_exactly(setup):
     m.observe([single_b] * 4)
     assert m.merged is None
     assert all(torch.equal(layer.base_layer.weight, original[n]) for n, layer in runner.layers.items())
+
+
+def test_a_merge_that_would_make_a_weight_non_finite_is_refused_and_restores_every_weight(setup):
+    runner, reg, (a, pa), _ = setup
+    m = runner.merger
+    original = {n: layer.base_layer.weight.detach().clone() for n, layer in runner.layers.items()}
+    w = a.weights
+    huge = type(w)(config=w.config, modules={n: type(lm)(lm.lora_A * 1e20, lm.lora_B * 1e20, lm.scaling)
+                                             for n, lm in w.modules.items()})  # finite, but B·A overflows
+    c = reg.add("c", huge)
+    pc = runner.pool.acquire(c, huge)
+    for _ in range(3):
+        m.observe([(c, pc, huge)] * 4)
+    assert m.merged is None and m.merges == 0 and c.key in m.refused
+    assert all(torch.equal(layer.base_layer.weight, original[n]) for n, layer in runner.layers.items())
+    for _ in range(3):  # never tried again; another adapter still merges
+        m.observe([(a, pa, a.weights)] * 4)
+    assert m.merged is a

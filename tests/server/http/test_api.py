@@ -649,7 +649,7 @@ def test_overload_is_503_with_retry_after(tmp_path, llama_dir):
 def auth_server(tmp_path_factory, llama_dir):
     root = tmp_path_factory.mktemp("auth")
     keys = root / "keys"
-    keys.write_text("# key scopes\nk-inf inference\nk-admin admin,inference\nk-adm-only admin\n")
+    keys.write_text("# key scopes\nk-inf inference\nk-admin admin,inference\nk-train-only train\n")
     live = start_server(small_settings(root, model=str(llama_dir), api_keys_file=keys))
     yield live
     live.stop()
@@ -676,11 +676,12 @@ def test_auth_accepts_keys_with_inference_scope(auth_server):
 
 
 def test_auth_key_without_the_scope_is_403(auth_server):
-    r = httpx.get(f"{auth_server.url}/v1/models", headers={"Authorization": "Bearer k-adm-only"})
+    r = httpx.get(f"{auth_server.url}/v1/models", headers={"Authorization": "Bearer k-train-only"})
     assert_error(r, 403)
 
 
 def test_health_needs_no_key(auth_server):
     assert httpx.get(f"{auth_server.url}/health/live").status_code == 200
     assert httpx.get(f"{auth_server.url}/health/ready").status_code == 200
-    assert httpx.get(f"{auth_server.url}/metrics").status_code == 200  # metrics_require_key is off by default
+    assert httpx.get(f"{auth_server.url}/metrics").status_code == 401  # metrics_access is "key" by default
+    assert httpx.get(f"{auth_server.url}/metrics", headers={"Authorization": "Bearer k-inf"}).status_code == 200

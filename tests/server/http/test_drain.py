@@ -3,54 +3,20 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
-import threading
-import time
 
-import httpx
-
-from tests.live import REPO
+from tests.live import spawn_server, stream_in_thread
 
 
 def test_sigterm_lets_the_running_stream_finish(llama_dir, tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LORAPLEX_")} | {
+    proc, url = spawn_server({
         "LORAPLEX_MODEL": str(llama_dir), "LORAPLEX_DATA_DIR": str(tmp_path), "LORAPLEX_LORA_BACKEND": "eager",
         "LORAPLEX_MAX_MODEL_LEN": "256", "LORAPLEX_LORA_PAGES": "4", "LORAPLEX_MAX_LORA_RANK": "16",
         "LORAPLEX_DRAIN_TIMEOUT": "30",
-    }
-    proc = subprocess.Popen([sys.executable, "-m", "server", "--port", str(port), "--log-level", "warning"],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    })  # fmt: skip
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline, "the server did not start"
-            try:
-                if httpx.get(f"{url}/health/ready").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        events: list[str] = []
-        first = threading.Event()
-
-        def stream() -> None:
-            body = {"model": "llama", "prompt": "Hello", "max_tokens": 200, "ignore_eos": True, "stream": True}
-            with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
-                for line in r.iter_lines():
-                    if line.startswith("data: "):
-                        events.append(line[6:])
-                        first.set()
-
-        t = threading.Thread(target=stream)
-        t.start()
+        body = {"model": "llama", "prompt": "Hello", "max_tokens": 200, "ignore_eos": True, "stream": True}
+        t, events, first = stream_in_thread(url, body)
         assert first.wait(30)
         proc.send_signal(signal.SIGTERM)
         in_flight = len(events)
