@@ -114,6 +114,9 @@ class CpuConfig(_Config):
     resident set keeps its peak)."""
     threads: int | None = Field(None, ge=1)
     """Torch intra-op threads for the engine (default: torch's choice)."""
+    trim_interval: float = Field(10.0, ge=0)
+    """With keep_freed_memory: seconds between returns of the kept heap's free pages to the OS (a few ms each; the
+    next forwards fault their temporaries in again), so the resident set cannot creep; 0: never."""
 
 
 class DeviceConfig(_Config):

@@ -90,7 +90,8 @@ class Engine:
 
     @property
     def num_waiting(self) -> int:
-        return len(self._incoming) + len(self.scheduler.waiting)
+        with self._lock:  # the engine thread moves requests from one queue to the other under it
+            return len(self._incoming) + len(self.scheduler.waiting)
 
     @property
     def num_running(self) -> int:
@@ -155,19 +156,21 @@ class Engine:
                             self._wake.wait()
                         if self._stop:
                             break
-                        incoming, self._incoming = list(self._incoming), deque()
+                        # into the scheduler under the lock: `num_waiting` counts every request at every moment
+                        while self._incoming:
+                            req = self._incoming.popleft()
+                            try:
+                                self.scheduler.add(self._sequence(req))
+                            except Exception as e:  # a request the engine cannot take still gets an answer
+                                log.exception("engine could not take request %s", req.request_id)
+                                req.emit(RequestOutput(req.request_id, "", [], None, "error", len(req.prompt_ids), 0,
+                                                       str(e)))  # fmt: skip
                         aborts, self._aborts = self._aborts, set()
                         drop, self._drop_retired = self._drop_retired, False
                     if drop:
                         self.pool.drop_unused()
                         if self.prefix is not None:
                             self.prefix.drop_retired()
-                    for req in incoming:
-                        try:
-                            self.scheduler.add(self._sequence(req))
-                        except Exception as e:  # a request the engine cannot take still gets an answer
-                            log.exception("engine could not take request %s", req.request_id)
-                            req.emit(RequestOutput(req.request_id, "", [], None, "error", len(req.prompt_ids), 0, str(e)))
                     try:
                         for seq in self.scheduler.abort(aborts) if aborts else ():
                             self.outputs.finish(seq, "abort")

@@ -1,7 +1,7 @@
 """Process-wide choices for the device the engine runs on, made once at start-up before any thread starts.
 
 On the CPU: glibc's allocator keeps freed memory for reuse (adapters.cpu.allocator; it must come before other
-threads allocate, since a thread keeps the arena it has), bounded by a trim every `TRIM_INTERVAL` seconds, and
+threads allocate, since a thread keeps the arena it has), bounded by a trim every `trim_interval` seconds, and
 torch's intra-op thread count. Nothing on a GPU.
 (Per-layer choices — oneDNN for the frozen fp32 linears — are made when the runner wraps the model.)
 """
@@ -13,14 +13,12 @@ import torch
 from adapters.cpu.allocator import keep_freed_memory, trim_periodically
 from server.engine.config import CpuConfig
 
-TRIM_INTERVAL = 10.0  # seconds: the kept heap's free pages go back this often (a few ms of malloc_trim each)
-
 
 def configure_process(config: CpuConfig, device: torch.device) -> None:
     """Apply the CPU policies of `config` to this process when `device` is the CPU."""
     if device.type != "cpu":
         return
-    if config.keep_freed_memory and keep_freed_memory():
-        trim_periodically(TRIM_INTERVAL)
+    if config.keep_freed_memory and keep_freed_memory() and config.trim_interval:
+        trim_periodically(config.trim_interval)
     if config.threads:
         torch.set_num_threads(config.threads)

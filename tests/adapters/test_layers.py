@@ -45,7 +45,7 @@ def set_rows(batch, adapters, pages_of, row_adapter: list[int | None], tokens: i
         if a is not None:
             idx[i, : len(pages_of[a])] = torch.tensor(pages_of[a])
             w[i, : len(pages_of[a])] = 1.0
-    batch.set(idx, w, frozenset(a.key for a in adapters), segmented=tokens > 1)
+    batch.set(idx, w, frozenset(a.key for a in adapters), "segmented" if tokens > 1 else "gathered")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
