@@ -26,7 +26,7 @@ from server.http.auth import load_api_keys
 from server.http.errors import install_error_handlers
 from server.http.limits import BodySizeLimit
 from server.http.openai import OpenAIServing
-from server.http.routes import adapters, completions, files, health, jobs, models
+from server.http.routes import adapters, completions, files, health, jobs, models, ui
 from server.http.state import AppState
 from server.jobs.config import JobsConfig
 from server.jobs.service import JobService
@@ -118,4 +118,5 @@ def create_app(settings: Settings) -> FastAPI:
                                  "/v1/files": settings.max_training_file_bytes})  # fmt: skip
     for routes in (health, models, completions, adapters, files, jobs):
         app.include_router(routes.router)
+    ui.install(app)
     return app
