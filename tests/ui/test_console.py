@@ -421,7 +421,7 @@ CONTRAST = """() => {
     const worst = [];
     for (const el of document.querySelectorAll("body *")) {
         if (![...el.childNodes].some((n) => n.nodeType === 3 && n.textContent.trim())) continue;
-        if (!el.getClientRects().length || el.closest(":disabled, [hidden], .u-legend th")) continue;
+        if (!el.getClientRects().length || el.closest(":disabled, [hidden]")) continue;
         const style = getComputedStyle(el);
         if (style.visibility === "hidden") continue;
         const [a, b] = [lum(style.color), lum(background(el))];

@@ -34,7 +34,7 @@ export async function show(params) {
   if (params.columns) setColumns(params.columns.split(",").slice(0, MAX_COLUMNS).map(parseColumn));
   else if (columns.length === 0) setColumns([{ choice: "base", parts: [] }, adapterNames.length
     ? { choice: `a:${adapterNames[0]}`, parts: [] } : { choice: "base", parts: [] }]);
-  else columns.forEach(refreshOptions);
+  else columns.forEach(renderColumn); // the adapters may have changed
 }
 
 // "base", an adapter name, or a composition "a*0.7+b*0.3"
@@ -139,10 +139,6 @@ function compositionEditor(col, n) {
       col.parts.push({ name: adapterNames[0], weight: 1 });
       renderColumn(col);
     } }, "Add an adapter"));
-}
-
-function refreshOptions(col) {
-  renderColumn(col);
 }
 
 function statsText({ ttft, tps, tokens }) {
