@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -18,7 +19,6 @@ from playwright.sync_api import Page, expect
 from safetensors.torch import save as safetensors_bytes
 
 from tests.live import start_server, tiny_settings
-from tests.tiny import make_peft_adapter
 from tests.ui.conftest import DESKTOP, PHONE, open_console
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -41,15 +41,6 @@ def live(tmp_path_factory, llama_dir, adapter_dir):
 def http(live):
     with httpx.Client(base_url=live.url, timeout=60) as c:
         yield c
-
-
-@pytest.fixture(scope="module")
-def made(tmp_path_factory, llama_dir) -> Path:
-    """PEFT adapters saved by `peft` (each folder also holds PEFT's README.md): gamma and delta."""
-    root = tmp_path_factory.mktemp("made")
-    make_peft_adapter(llama_dir, root / "gamma", "llama", r=4, alpha=8, seed=3)
-    make_peft_adapter(llama_dir, root / "delta", "llama", r=8, alpha=8, seed=4, targets=["q_proj", "v_proj"])
-    return root
 
 
 def drop_files(page: Page, selector: str, files: dict[str, bytes]) -> None:
@@ -163,18 +154,20 @@ def test_three_columns_with_a_weighted_composition(console):
 # ---- adapters --------------------------------------------------------------------------------
 
 
-def test_uploads_appear_in_the_table_and_download_and_delete_work(console, http, made, tmp_path):
+def test_uploads_appear_in_the_table_and_download_and_delete_work(console, http, adapter_dir, tmp_path):
     console.allow_status(409)
+    delta = shutil.copytree(adapter_dir / "beta", tmp_path / "delta")  # a folder as PEFT saved it, with README.md
+    assert (delta / "README.md").exists()
     page = console.open("adapters")
     # the two files, dropped
-    drop_files(page, "#ad-drop", peft_files(made / "gamma"))
+    drop_files(page, "#ad-drop", peft_files(adapter_dir / "alpha"))
     expect(page.locator("#ad-chosen li")).to_have_count(2)
     page.fill("#ad-name", "gamma")
     page.click("#ad-submit")
     expect(row(page, "gamma")).to_be_visible()
     assert [cell(page, "gamma", i) for i in (1, 2, 5)] == ["1", "4 (8)", "host memory"]
     # a folder, as PEFT saved it (its README.md is left out); the name comes from the folder
-    page.set_input_files("#ad-folder", str(made / "delta"))
+    page.set_input_files("#ad-folder", str(delta))
     expect(page.locator("#ad-name")).to_have_value("delta")
     page.click("#ad-submit")
     expect(row(page, "delta")).to_be_visible()
@@ -183,7 +176,7 @@ def test_uploads_appear_in_the_table_and_download_and_delete_work(console, http,
     archive = tmp_path / "gamma.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:
         for f in (CONFIG, WEIGHTS):
-            tar.add(made / "delta" / f, arcname=f)
+            tar.add(delta / f, arcname=f)
     page.set_input_files("#ad-files", str(archive))
     expect(page.locator("#ad-name")).to_have_value("gamma")
     page.click("#ad-submit")
