@@ -1,9 +1,10 @@
 """What an open web console costs the engine: its /metrics polling, with the server idle and under load.
 
 The console's server page polls /metrics once a second while it is shown (`server/http/ui/js/serverpage.js`); its
-other pages poll nothing. Against a `python -m server` subprocess on 127.0.0.1 (the default model), three cases:
+other pages poll nothing. Against a `python -m server` subprocess on 127.0.0.1 (the default model), four cases:
 
     none      nothing but the benchmark's own requests
+    again     the same once more: the control, whose ratio to `none` shows what this machine's noise alone gives
     poller    a plain client GETting /metrics once a second: what the page asks of the server, nothing else
     console   the real console: headless Chromium (Debian's, as the browser tests use) on /ui/#/server
 
@@ -49,7 +50,7 @@ from benchmarks.common import (  # noqa: E402
 from benchmarks.http_load import run_load  # noqa: E402
 from tests.ui.conftest import chromium_path  # noqa: E402
 
-CASES = ("none", "poller", "console")
+CASES = ("none", "again", "poller", "console")
 SCRAPES = 200
 POLL_STARTS = """() => performance.getEntriesByType("resource").filter((e) => e.name.endsWith("/metrics")).length"""
 
@@ -125,7 +126,7 @@ class Console:
 
 
 def case(name: str, url: str):
-    return {"none": _Nothing, "poller": Poller, "console": Console}[name](url)
+    return {"none": _Nothing, "again": _Nothing, "poller": Poller, "console": Console}[name](url)
 
 
 class _Nothing:
@@ -164,7 +165,7 @@ def measure_idle(url: str, pid: int, seconds: float) -> dict:
 
 
 def measure_load(url: str, model: str, args) -> dict:
-    runs = {name: [] for name in CASES}
+    runs: dict[str, list[float]] = {name: [] for name in CASES}
     asyncio.run(run_load(url, [model] * args.concurrency, args.max_tokens, args.concurrency, 120))  # warm-up
     for r in range(args.rounds):
         order = CASES[r % len(CASES):] + CASES[: r % len(CASES)]  # each case goes first in turn
@@ -176,8 +177,9 @@ def measure_load(url: str, model: str, args) -> dict:
                 raise RuntimeError(f"{name}: {errors[:3]}")
             runs[name].append(sum(x.tokens for x in results) / wall)
             print(f"load, round {r + 1}, {name}: {runs[name][-1]:.1f} tokens/s", flush=True)
-    paired = {name: statistics.median(a / b for a, b in zip(runs[name], runs["none"])) for name in CASES[1:]}
-    return {"tokens_per_s": runs, "median": {k: statistics.median(v) for k, v in runs.items()}, "paired_ratio": paired}
+    ratios = {name: [a / b for a, b in zip(runs[name], runs["none"])] for name in CASES[1:]}
+    return {"tokens_per_s": runs, "median": {k: statistics.median(v) for k, v in runs.items()}, "ratios": ratios,
+            "paired_ratio": {k: statistics.median(v) for k, v in ratios.items()}}  # fmt: skip
 
 
 def main() -> None:
@@ -216,9 +218,10 @@ def main() -> None:
                 [[n, 100 * idle[n]["server_cpu_per_s"], idle[n]["polls"]] for n in CASES])  # fmt: skip
     print(f"\nUnder load: {args.requests} chat requests x {args.max_tokens} tokens, {args.concurrency} in flight, "
           f"{args.rounds} rounds\n")  # fmt: skip
-    print_table(["case", "tokens/s (median)", "runs", "ratio to none (paired median)"],
+    spread = {k: f"{min(v):.2f}–{max(v):.2f}" for k, v in load["ratios"].items()}
+    print_table(["case", "tokens/s (median)", "runs", "ratio to none (paired median)", "paired ratios (min–max)"],
                 [[n, load["median"][n], ", ".join(f"{v:.0f}" for v in load["tokens_per_s"][n]),
-                  load["paired_ratio"].get(n, 1.0)] for n in CASES])  # fmt: skip
+                  load["paired_ratio"].get(n, 1.0), spread.get(n, "—")] for n in CASES])  # fmt: skip
     if not args.quick or args.out:
         write_json(args.out or RESULTS_DIR / "console_polling.json", {"args": vars(args) | {"cache_dir": str(args.cache_dir), "out": None},
                                                                       "idle": idle, "load": load})  # fmt: skip
