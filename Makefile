@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=  # e.g. https://download.pytorch.org/whl/cu128 for the CUDA build (docker/Dockerfile.cuda)
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test lint bench clean
+.PHONY: install serve test lint bench clean chromium
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -22,8 +22,12 @@ install: $(STAMP)
 serve: install
 	$(VENV)/bin/loraplex serve
 
-test: install
+test: install chromium
 	$(PY) -m pytest tests
+
+# The console's browser tests (tests/ui) drive Debian's chromium (Playwright's own browser download needs the internet).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
 
 lint: install
 	$(VENV)/bin/ruff check server adapters client tests benchmarks

@@ -29,7 +29,7 @@ from server.http.auth import AllowedHosts, load_api_keys
 from server.http.errors import InternalErrors, install_error_handlers
 from server.http.limits import BodySizeLimit
 from server.http.openai import OpenAIServing
-from server.http.routes import adapters, completions, files, health, jobs, models
+from server.http.routes import adapters, completions, files, health, jobs, models, ui
 from server.http.state import AppState
 from server.jobs.config import JobsConfig
 from server.jobs.service import JobService
@@ -131,4 +131,5 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(InternalErrors)  # outermost of ours: after it only Starlette's ServerErrorMiddleware
     for routes in (health, models, completions, adapters, files, jobs):
         app.include_router(routes.router)
+    ui.install(app)
     return app
