@@ -69,6 +69,15 @@ class LoraPool:
     def resident_count(self) -> int:
         return len(self._resident)
 
+    def resident_keys(self) -> frozenset[int]:
+        """Keys of the adapters whose pages are in the pool now. Any thread may call it: the copy is one C-level
+        call, retried in the rare case the engine thread changed the table during it."""
+        while True:
+            try:
+                return frozenset(self._resident)
+            except RuntimeError:  # "dictionary changed size during iteration"
+                continue
+
     def used_pages(self) -> int:
         """Pages lent to resident adapters (of `pages - 1`: page 0 is the zero page)."""
         return self.pages - 1 - len(self._free)

@@ -15,10 +15,9 @@ from fastapi.responses import FileResponse, RedirectResponse
 from starlette.staticfiles import StaticFiles
 
 from adapters.training.config import Hyperparameters
-from server.http.auth import SCOPES, check_key
-from server.http.errors import APIError
+from server.http.auth import SCOPES, AuthRoute, Caller, authenticate, require
 from server.http.protocol import JobHyperparameters
-from server.http.state import AppState, Ready, require
+from server.http.state import Ready
 
 UI_DIR = Path(__file__).resolve().parent.parent / "ui"
 # the console's scripts come from this server only; styles may be set inline (the chart library sizes its canvas)
@@ -26,14 +25,16 @@ CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline';
        "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")  # fmt: skip
 # what the console offers → the scope its routes require (in step with the routes' `require(...)`;
 # tests/ui/test_console_auth.py checks each against the server's answers)
-ACTIONS = {"generate": "inference", "download_adapters": "inference", "manage_adapters": "admin", "train": "admin"}
+ACTIONS = {"generate": "inference", "download_adapters": "train", "manage_adapters": "train", "train": "train"}
 
 router = APIRouter(include_in_schema=False)
+api = APIRouter(include_in_schema=False, route_class=AuthRoute)  # the console's data: the key checked as the API's
 
 
 def install(app: FastAPI) -> None:
     """Serve the console: its routes, and its static files under /ui/static/."""
     app.include_router(router)
+    app.include_router(api)
     app.mount("/ui/static", StaticFiles(directory=UI_DIR), name="ui-static")
 
 
@@ -47,24 +48,13 @@ def console() -> FileResponse:
     return FileResponse(UI_DIR / "index.html", headers={"Content-Security-Policy": CSP, "Cache-Control": "no-cache"})
 
 
-def key_scopes(st: AppState, request: Request) -> set[str]:
-    """The scopes of the request's key (401 for a missing or wrong one); every scope when no keys are configured."""
-    scopes = set()
-    for scope in SCOPES:
-        try:
-            check_key(st.api_keys, request, scope)
-            scopes.add(scope)
-        except APIError as e:
-            if e.status != 403:
-                raise
-    return scopes
-
-
 @router.get("/ui/api/session")
 def session(st: Ready, request: Request) -> dict:
-    """What the console needs to draw itself for this key: the base model, what the key may do, the training
-    hyperparameters (JSON schema: defaults, bounds, descriptions) and the server's limits."""
-    scopes = key_scopes(st, request)
+    """What the console needs to draw itself for this key (401 for a missing or wrong one): the base model, what
+    the key may do, the training hyperparameters (JSON schema: defaults, bounds, descriptions) and the server's
+    limits. Any valid key may ask, whatever its scopes."""
+    key = authenticate(st.api_keys, request)
+    scopes = {scope for scope in SCOPES if key.allows(scope)}
     s, catalog = st.settings, st.catalog
     return {
         "model": st.base.model_id,
@@ -94,23 +84,12 @@ def hyperparameter_schema() -> dict:
     return schema
 
 
-def _pool_keys(pool) -> set[int]:
-    """Keys of the adapters resident in the device pool. Reads the pool's private table (one C-level copy, so
-    the engine thread cannot change it midway); LoraPool has no public accessor for it yet."""
-    for _ in range(3):
-        try:
-            return set(pool._resident.keys())
-        except RuntimeError:  # changed during the copy: look again
-            continue
-    return set()
-
-
-@router.get("/ui/api/adapters", dependencies=[require("inference")])
-def adapter_residence(st: Ready) -> dict:
-    """Where each adapter's weights are now ("device": in the LoRA pool, "host": in memory, "disk": on disk only),
-    and the adapter merged into the base weights, if any."""
-    on_device = _pool_keys(st.engine.pool)
+@api.get("/ui/api/adapters", dependencies=[require("inference", "train")])
+def adapter_residence(st: Ready, key: Caller) -> dict:
+    """Where each adapter the key's tenant sees has its weights now ("device": in the LoRA pool, "host": in
+    memory, "disk": on disk only), and the adapter merged into the base weights, if the tenant sees it."""
+    on_device = st.engine.pool.resident_keys()
     merged = st.engine.merger.merged if st.engine.merger else None
     tiers = {a.name: "device" if a.key in on_device else "host" if a.weights is not None else "disk"
-             for a in st.catalog.list()}  # fmt: skip
-    return {"merged": merged.name if merged is not None else None, "adapters": tiers}
+             for a in st.catalog.list(key.as_tenant)}  # fmt: skip
+    return {"merged": merged.name if merged is not None and merged.name in tiers else None, "adapters": tiers}
