@@ -53,6 +53,10 @@ class AdapterCatalog:
         """The current version of `name`; AdapterNotFound if there is none."""
         return self.registry.get(name)
 
+    async def lookup(self, name: str) -> Adapter:
+        """`get` for a request on the event loop (a shared catalog may have to read a remote store)."""
+        return self.get(name)
+
     def list(self) -> list[Adapter]:
         return self.registry.list()
 

@@ -87,5 +87,6 @@ class AdapterStore:
             versions = sorted(int(v.name) for v in d.iterdir() if v.name.isdigit() and (v / "meta.json").exists())
             if versions:
                 meta = json.loads((d / str(versions[-1]) / "meta.json").read_text())
-                out.append(StoredAdapter(**(meta | {"path": d / str(versions[-1])})))
+                known = {k: meta[k] for k in StoredAdapter.__dataclass_fields__ if k in meta}  # a newer writer may add
+                out.append(StoredAdapter(**(known | {"path": d / str(versions[-1])})))
         return out

@@ -23,6 +23,7 @@ from server.engine.engine import Engine
 from server.engine.model import load_base_model, pick_device
 from server.engine.platform import configure_process
 from server.http.auth import load_api_keys
+from server.http.engine_client import LocalEngine
 from server.http.errors import install_error_handlers
 from server.http.limits import BodySizeLimit
 from server.http.openai import OpenAIServing
@@ -55,7 +56,7 @@ def start_engine(state: AppState) -> None:
         engine.start()
         m = state.metrics
         state.async_engine = AsyncEngine(engine, s.max_waiting, m.ttft.observe, m.itl.observe)
-        state.serving = OpenAIServing(base, state.async_engine, catalog, engine.max_len, m)
+        state.serving = OpenAIServing(base, LocalEngine(state.async_engine), catalog, engine.max_len, m)
         state.catalog = catalog
         pool = engine.pool
         m.bind(

@@ -7,7 +7,6 @@ Errors are raised as `APIError`; the routes only map them to HTTP.
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -15,10 +14,11 @@ from dataclasses import dataclass, field
 
 from adapters.tiers.registry import AdapterNotFound
 from server.catalog import AdapterCatalog
-from server.engine.async_engine import AsyncEngine, Overloaded
+from server.engine.async_engine import Overloaded
 from server.engine.model import BaseModel
 from server.engine.request import AdapterUse, RequestOutput
 from server.engine.sampling import SamplingParams, TokenLogprob
+from server.http.engine_client import EngineClient
 from server.http.errors import APIError
 from server.http.metrics import Metrics
 from server.http.protocol import ChatCompletionRequest, CompletionRequest
@@ -50,7 +50,10 @@ async def _prepend(first, rest: AsyncIterator) -> AsyncIterator:
 
 
 class OpenAIServing:
-    def __init__(self, base: BaseModel, engine: AsyncEngine, catalog: AdapterCatalog, max_model_len: int,
+    """The OpenAI endpoints over an engine client; `base` gives the model id and tokenizer only (the ingress of a Ray
+    Serve application has no model: `server.ray.ingress`)."""
+
+    def __init__(self, base: BaseModel, engine: EngineClient, catalog: AdapterCatalog, max_model_len: int,
                  metrics: Metrics):  # fmt: skip
         self.base = base
         self.tokenizer = base.tokenizer
@@ -70,7 +73,7 @@ class OpenAIServing:
         uses = []
         for name, weight, param in named:
             try:
-                adapter = self.catalog.get(name)
+                adapter = await self.catalog.lookup(name)
             except AdapterNotFound:
                 what = "model" if param == "model" else "adapter"
                 raise APIError(404, f"The {what} '{name}' does not exist.", "invalid_request_error", param, "model_not_found") from None
@@ -141,35 +144,18 @@ class OpenAIServing:
         params = [self._params(req, len(p), max_tokens, logprobs, j) for p in prompts for j in range(req.n)]
         label = self.metrics.adapter_label(req.model if uses else "base")
         self.metrics.adapter_requests.labels(label).inc()
+        choice_prompts = [prompts[i // req.n] for i in range(len(params))]
+        outputs = self.engine.run(choice_prompts, params, uses)
         try:
-            self.engine.check_capacity(len(params))
-        except Overloaded as e:
-            raise APIError(503, str(e), "server_error", headers={"Retry-After": "1"}) from None
-        queue: asyncio.Queue = asyncio.Queue()
-        gens = [self.engine.generate(prompts[i // req.n], sp, uses) for i, sp in enumerate(params)]
-
-        async def pump(i: int, gen) -> None:
-            try:
-                async for out in gen:
-                    await queue.put((i, out))
-            except Exception as e:  # still an answer for this choice, never a hang
-                await queue.put((i, RequestOutput("", "", [], None, "error", 0, 0, f"internal error: {e.__class__.__name__}")))
-
-        tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(gens)]
-        done = 0
-        try:
-            while done < len(tasks):
-                i, out = await queue.get()
+            async for i, out in outputs:
                 if out.finish_reason is not None:
-                    done += 1
                     self.metrics.generation_tokens.inc(out.completion_tokens)
                     self.metrics.prompt_tokens.inc(out.prompt_tokens)
                 yield i, out
+        except Overloaded as e:
+            raise APIError(503, str(e), "server_error", headers={"Retry-After": "1"}) from None
         finally:
-            for t in tasks:
-                t.cancel()
-            # a cancelled pump closes its generator, which aborts the request in the engine
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await outputs.aclose()  # at once, not when collected: aborts every choice still running
 
     # ---- engine → response --------------------------------------------------------------------
 
