@@ -1,4 +1,5 @@
-"""`create_app(settings)`: the FastAPI app, with no import-time singletons.
+"""`create_app(settings)`: the FastAPI app, with no import-time singletons (`build_app`: the same app around another
+start-up, as the Ray Serve ingress builds it).
 
 The process listens at once; a start-up thread loads the base model, builds and warms the engine and the adapter
 catalog (`/health/ready` says 503 until then). Shutdown (SIGTERM) drains: uvicorn stops accepting, running
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -32,6 +34,7 @@ from server.http.state import AppState
 from server.jobs.config import JobsConfig
 from server.jobs.service import JobService
 from server.jobs.store import JobStore
+from server.jobs.supervisor import ProcessLauncher
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -82,14 +85,22 @@ def start_engine(state: AppState) -> None:
 def create_app(settings: Settings) -> FastAPI:
     # process-wide CPU policies, before any thread allocates (server.engine.platform)
     configure_process(settings.section(CpuConfig), pick_device(settings.device))
+    return build_app(settings, start_engine, AdapterStore(settings.data_dir / "adapters"))
+
+
+def build_app(settings: Settings, start: Callable[[AppState], None], store: AdapterStore,
+              launcher: ProcessLauncher | None = None) -> FastAPI:  # fmt: skip
+    """The app around `start(state)`, which fills in the model side of `state` in a start-up thread: `start_engine`
+    loads the model in this process; the ingress of a Ray Serve application reaches engine replicas instead
+    (`server.ray.ingress`, with its shared store and a launcher of training jobs as Ray tasks)."""
     jobs_db = JobStore(settings.data_dir / "jobs.db")
     job_service = JobService(
         jobs_db, settings.data_dir, settings.section(JobsConfig), settings.drain_timeout,
-        model_path=lambda: state.base.path if state.ready else None, catalog=lambda: state.catalog,
+        model_path=lambda: state.base.path if state.ready else None, catalog=lambda: state.catalog, launcher=launcher,
     )  # fmt: skip
     state = AppState(
         settings=settings,
-        store=AdapterStore(settings.data_dir / "adapters"),
+        store=store,
         jobs=jobs_db,
         job_service=job_service,
         api_keys=load_api_keys(settings.api_keys_file),
@@ -98,7 +109,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        loader = threading.Thread(target=start_engine, args=(state,), name="loraplex-loader", daemon=True)
+        loader = threading.Thread(target=start, args=(state,), name="loraplex-loader", daemon=True)
         loader.start()
         job_service.supervisor.start()
         yield
