@@ -51,6 +51,7 @@ def start_ingress(state: AppState, engine: RemoteEngine, timeout: float = 600.0)
         catalog = SharedCatalog(state.store, card.model_id, card.layer_shapes, card.max_rank)
         if s.adapter_dir:
             asyncio.run(catalog.import_directory(s.adapter_dir))
+        engine.on_retry = state.metrics.replica_retries.inc
         state.base, state.catalog, state.engine = card, catalog, engine
         state.serving = OpenAIServing(card, engine, catalog, card.max_model_len, state.metrics)
         state.ready = True

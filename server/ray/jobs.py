@@ -117,6 +117,9 @@ class _Task:
 
 @ray.remote(max_calls=1)
 def _train(spec: dict[str, Any], events: _Events, cancel: _Flag, shutdown: _Flag) -> None:
+    where = ray.get_runtime_context()
+    events.put({"kind": "event", "type": "info", "message": f"Running as Ray task {where.get_task_id()} on node "
+                f"{where.get_node_id()}", "ray_task_id": where.get_task_id(), "ray_node_id": where.get_node_id()})
     worker.main(spec, events, cancel, shutdown)
 
 

@@ -11,7 +11,7 @@ replica that served each request is recorded in `SERVED_BY`, for the `x-loraplex
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextvars import ContextVar
 
 from ray.exceptions import RayActorError
@@ -37,11 +37,11 @@ class RemoteEngine:
 
     alive = True  # Serve health-checks the replicas and replaces dead ones
 
-    def __init__(self, handle: DeploymentHandle, affinity: bool = True):
-        """`affinity` False: no multiplexed model id (Serve's default routing, by queue length only)."""
+    def __init__(self, handle: DeploymentHandle, affinity: bool = True, on_retry: Callable[[], None] = lambda: None):
+        """`affinity` False: no multiplexed model id (Serve's default routing, by queue length only); `on_retry()`
+        after each request sent again."""
         self.handle = handle.options(stream=True)
-        self.affinity = affinity
-        self.retries = 0
+        self.affinity, self.on_retry = affinity, on_retry
 
     def stop(self) -> None:
         """Nothing of the engines' to stop here: Serve owns the replicas."""
@@ -77,7 +77,7 @@ class RemoteEngine:
                 return
             except _REPLICA_LOST as e:
                 if attempt == 1 and not streamed:
-                    self.retries += 1
+                    self.on_retry()
                     log.warning("engine replica lost before the first token (%s): sending the request again",
                                 e.__class__.__name__)  # fmt: skip
                     continue
