@@ -4,7 +4,8 @@
 - `build(args)`: the same for `serve run server.ray.app:build replicas=2 model=...` and the `import_path` of a Serve
   config file (`server/ray/serve.yaml`); `args` are settings by name, the `LORAPLEX_*` environment applies too.
 - `start(settings)` / `run(settings)`: what `loraplex serve --replicas N` does: join the cluster in `RAY_ADDRESS`, or
-  start a local Ray instance on 127.0.0.1 (stopped on exit), serve the application on `--host`/`--port`.
+  start a local single-node Ray instance (stopped on exit; Ray's token authentication on, as Ray starts local
+  instances), and serve the application on `--host`/`--port` (127.0.0.1 by default).
 
 `max_ongoing_requests` of an engine replica is what its engine takes: its running batch plus its queue (not Serve's
 default of 5). The multiplexed capacity of a replica (`@serve.multiplexed`) is what its LoRA pool holds at
@@ -66,20 +67,26 @@ def resolved(settings: Settings) -> Settings:
     return settings
 
 
+def engine_options(settings: Settings) -> dict[str, Any]:
+    """The Serve options of the engine deployment."""
+    s = settings
+    options: dict[str, Any] = {
+        "name": "LoraplexEngine", "max_ongoing_requests": s.max_num_seqs + s.max_waiting,  # its batch and its queue
+        "ray_actor_options": {"num_cpus": s.replica_num_cpus, "num_gpus": s.replica_num_gpus},
+        "graceful_shutdown_timeout_s": s.drain_timeout, "health_check_period_s": 2,
+    }  # fmt: skip
+    if s.max_replicas is None:
+        return options | {"num_replicas": s.replicas or 1}
+    return options | {"autoscaling_config": {
+        "min_replicas": s.min_replicas, "max_replicas": s.max_replicas,
+        "target_ongoing_requests": s.target_ongoing_requests or s.max_num_seqs,
+    }}  # fmt: skip
+
+
 def build_app(settings: Settings) -> Application:
     s = resolved(settings)
     uri = store_uri(s)
-    scaling: dict[str, Any] = {"num_replicas": s.replicas or 1}
-    if s.max_replicas is not None:
-        scaling = {"autoscaling_config": {
-            "min_replicas": s.min_replicas, "max_replicas": s.max_replicas,
-            "target_ongoing_requests": s.target_ongoing_requests or s.max_num_seqs,
-        }}  # fmt: skip
-    engine = serve.deployment(
-        EngineReplica, name="LoraplexEngine", max_ongoing_requests=s.max_num_seqs + s.max_waiting,
-        ray_actor_options={"num_cpus": s.replica_num_cpus, "num_gpus": s.replica_num_gpus},
-        graceful_shutdown_timeout_s=s.drain_timeout, health_check_period_s=2, **scaling,
-    ).bind(s, uri, replica_capacity(s))  # fmt: skip
+    engine = serve.deployment(EngineReplica, **engine_options(s)).bind(s, uri, replica_capacity(s))
     ingress = serve.deployment(
         Ingress, name="LoraplexIngress", num_replicas=1, max_ongoing_requests=100_000,
         ray_actor_options={"num_cpus": 0}, graceful_shutdown_timeout_s=s.drain_timeout,
@@ -108,13 +115,13 @@ class Cluster:
 
 
 def start(settings: Settings, timeout: float = 900.0, **ray_options: Any) -> Cluster:
-    """Serve the application: on the cluster in RAY_ADDRESS, else on a local Ray instance (127.0.0.1) that
-    `Cluster.stop` stops; returns once every replica is ready and the ingress answers `/health/ready`."""
+    """Serve the application: on the cluster in RAY_ADDRESS, else on a local Ray instance that `Cluster.stop`
+    stops; returns once every replica is ready and the ingress answers `/health/ready`."""
     owns = not os.environ.get("RAY_ADDRESS")
     if owns:
         declared = (settings.max_replicas or settings.replicas or 1) * settings.replica_num_cpus + settings.job_num_cpus
         ray_options = {"num_cpus": max(os.cpu_count() or 1, int(declared + 0.999)), "include_dashboard": False,
-                       "_node_ip_address": "127.0.0.1"} | ray_options  # fmt: skip
+                       } | ray_options  # fmt: skip
         ray.init(address="local", **ray_options)
     else:
         ray.init(**ray_options)
@@ -142,13 +149,15 @@ def _ready_status(url: str) -> int:
 
 def run(settings: Settings) -> None:
     """`loraplex serve --replicas N`: serve until SIGINT or SIGTERM, then stop what was started."""
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     cluster = start(settings)
-    print(f"loraplex: serving on {cluster.url} through Ray Serve "
-          f"({settings.replicas or settings.max_replicas} engine replicas)", flush=True)  # fmt: skip
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs handlers of its own
+        signal.signal(sig, lambda *_: stop.set())
+    replicas = settings.replicas or f"{settings.min_replicas}-{settings.max_replicas}"
+    print(f"loraplex: serving on {cluster.url} through Ray Serve ({replicas} engine replicas; Ray at "
+          f"{ray.get_runtime_context().gcs_address})", flush=True)  # fmt: skip
     try:
-        stop.wait()
+        while not stop.wait(0.5):  # a signal may land on one of Ray's threads: the main thread must wake to see it
+            pass
     finally:
         cluster.stop()

@@ -17,7 +17,7 @@ class ClusterConfig(BaseModel):
     max_replicas: int | None = Field(None, ge=1)
     """Autoscaling: most engine replicas."""
     target_ongoing_requests: float | None = Field(None, gt=0)
-    """Autoscaling: requests per engine replica that Serve aims for (default: half the replica's running batch)."""
+    """Autoscaling: requests per engine replica that Serve aims for (default: max_num_seqs, one running batch)."""
     replica_num_cpus: float = Field(1.0, ge=0)
     """CPUs Ray reserves for each engine replica."""
     replica_num_gpus: float = Field(0.0, ge=0)

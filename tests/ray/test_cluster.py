@@ -9,12 +9,19 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import random
+import re
+import signal
 import socket
+import subprocess
+import sys
 import tarfile
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import pytest
@@ -23,7 +30,8 @@ from tests.live import tiny_settings
 from tests.server.jobs.test_jobs import TRAIN
 from tests.tiny import make_peft_adapter
 
-ray = pytest.importorskip("ray")
+os.environ.setdefault("RAY_AUTH_MODE", "token")  # before ray is imported: the instance `loraplex serve` starts checks
+ray = pytest.importorskip("ray")  # Ray's token (~/.ray/auth_token), as Ray starts local instances
 
 from ray import serve  # noqa: E402
 
@@ -38,15 +46,41 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@dataclass
+class Served:
+    url: str
+    process: subprocess.Popen
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, llama_dir, adapter_dir):
-    from server.ray.app import start
-
-    settings = tiny_settings(llama_dir, tmp_path_factory.mktemp("cluster"), adapter_dir=adapter_dir, port=free_port(),
-                             **CLUSTER_SETTINGS)  # fmt: skip
-    running = start(settings, log_to_driver=False)
-    yield running
-    running.stop()
+    """`loraplex serve --replicas 2` as users run it (a local Ray instance of its own); this process joins that
+    instance as a driver, to kill a replica and read Serve's status."""
+    work = tmp_path_factory.mktemp("cluster")
+    settings = tiny_settings(llama_dir, work / "data", adapter_dir=adapter_dir, port=free_port(), **CLUSTER_SETTINGS)
+    flags = [f"--{k.replace('_', '-')}={getattr(settings, k)}" for k in settings.model_fields_set]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS" and not k.startswith("LORAPLEX_")}
+    log = work / "serve.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen([str(Path(sys.executable).with_name("loraplex")), "serve", *flags], stdout=out,
+                                   stderr=subprocess.STDOUT, env=env, cwd=work)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while not (m := re.search(r"serving on (\S+) through Ray Serve .*Ray at (\S+)\)", log.read_text(errors="replace"))):
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
+            time.sleep(0.5)
+        ray.init(address=m[2], log_to_driver=False)
+        yield Served(m[1], process)
+    finally:
+        ray.shutdown()
+        process.send_signal(signal.SIGTERM)
+        try:
+            assert process.wait(90) == 0, log.read_text(errors="replace")[-3000:]
+        finally:
+            process.kill()
+    host, port = m[2].rsplit(":", 1)
+    with pytest.raises(ConnectionRefusedError):  # the Ray instance it started is gone with it
+        socket.create_connection((host, int(port)), timeout=5).close()
 
 
 @pytest.fixture
