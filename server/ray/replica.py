@@ -137,7 +137,10 @@ class ReplicaAdapters:
             self._pins[vid] -= 1
             if self._pins[vid] == 0:
                 del self._pins[vid]
-                self.registry.remove(vid)
+                try:
+                    self.registry.remove(vid)
+                except AdapterNotFound:
+                    pass
         self.engine.drop_retired()
 
     async def uses(self, refs: list[AdapterRef]) -> list[AdapterUse]:

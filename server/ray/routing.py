@@ -46,9 +46,6 @@ class RemoteEngine:
     def stop(self) -> None:
         """Nothing of the engines' to stop here: Serve owns the replicas."""
 
-    async def describe(self):
-        return await self.handle.options(stream=False).describe.remote()
-
     async def run(self, prompts: list[list[int]], params: list[SamplingParams], adapters: list[AdapterUse]
                   ) -> AsyncIterator[tuple[int, RequestOutput]]:  # fmt: skip
         refs = [AdapterRef(u.adapter.version_id, u.weight) for u in adapters]
