@@ -30,8 +30,7 @@ from tests.live import tiny_settings
 from tests.server.jobs.test_jobs import TRAIN
 from tests.tiny import make_peft_adapter
 
-os.environ.setdefault("RAY_AUTH_MODE", "token")  # before ray is imported: the instance `loraplex serve` starts checks
-ray = pytest.importorskip("ray")  # Ray's token (~/.ray/auth_token), as Ray starts local instances
+ray = pytest.importorskip("ray")  # with RAY_AUTH_MODE=token (tests/ray/conftest.py)
 
 from ray import serve  # noqa: E402
 
