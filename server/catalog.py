@@ -26,7 +26,7 @@ from adapters.peft_io import (
     describe_peft_adapter,
     load_peft_adapter,
 )
-from adapters.tiers.registry import Adapter, AdapterExists, AdapterNotFound, AdapterRegistry
+from adapters.tiers.registry import Adapter, AdapterExists, AdapterRegistry
 from adapters.tiers.store import AdapterStore, file_sha256
 from server.engine.threads import in_thread
 
@@ -61,11 +61,7 @@ class AdapterCatalog:
         return self.registry.list()
 
     def exists(self, name: str) -> bool:
-        try:
-            self.registry.get(name)
-            return True
-        except AdapterNotFound:
-            return False
+        return name in self.registry
 
     async def weights(self, adapter: Adapter) -> LoraWeights:
         """The adapter's host weights: a dictionary touch when resident (keeping the LRU order), else a disk read

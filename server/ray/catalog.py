@@ -59,6 +59,9 @@ class StoreIndex:
     def __len__(self) -> int:
         return len(self.store.list())
 
+    def __contains__(self, name: str) -> bool:
+        return is_valid_name(name) and self.store.current(name) is not None
+
     def next_version(self, name: str) -> int:
         return max(self.store.versions(name), default=0) + 1
 

@@ -99,20 +99,13 @@ class ReplicaAdapters:
         self._loading: dict[str, asyncio.Lock] = {}
 
     def holds(self, version_ids: list[str]) -> bool:
-        return all(self._has(v) for v in version_ids)
-
-    def _has(self, version_id: str) -> bool:
-        try:
-            self.registry.get(version_id)
-            return True
-        except AdapterNotFound:
-            return False
+        return all(v in self.registry for v in version_ids)
 
     async def ensure(self, version_ids: list[str]) -> None:
         """Load every version not loaded yet from the shared store (AdapterGone if one is not there)."""
         for vid in version_ids:
             async with self._loading.setdefault(vid, asyncio.Lock()):
-                if not self._has(vid):
+                if vid not in self.registry:
                     await in_thread(self._load, vid)
             self._loading.pop(vid, None)
 
