@@ -209,18 +209,37 @@ def test_read_after_write_overwrite_and_delete(rh, http, adapter_dir):
     assert bad.status_code == 400 and rh.get("/v1/adapters/rw").status_code == 404  # nothing changed
 
 
-def test_training_job_runs_as_a_ray_task_and_is_served_by_both_replicas(rh, http):
+def wait_for(rh, job: dict, until, timeout: float = 180) -> dict:
+    deadline = time.monotonic() + timeout
+    while not until(job):
+        assert time.monotonic() < deadline, job
+        time.sleep(0.3)
+        job = rh.get(f"/v1/fine_tuning/jobs/{job['id']}").json()
+    return job
+
+
+def train(rh, name: str, steps: int) -> dict:
     file_id = rh.post("/v1/files", files={"file": ("t.jsonl", TRAIN, "application/jsonl")},
                       data={"purpose": "fine-tune"}).json()["id"]  # fmt: skip
-    body = {"training_file": file_id, "adapter_name": "trained", "seed": 0,
+    body = {"training_file": file_id, "adapter_name": name, "seed": 0,
             "method": {"type": "lora", "hyperparameters": {"rank": 4, "learning_rate": 1e-2, "batch_size": 3,
-                                                           "max_steps": 6}}}  # fmt: skip
-    job = rh.post("/v1/fine_tuning/jobs", json=body).json()
-    deadline = time.monotonic() + 180
-    while job["status"] not in ("succeeded", "failed", "cancelled"):
-        assert time.monotonic() < deadline, job
-        time.sleep(0.5)
-        job = rh.get(f"/v1/fine_tuning/jobs/{job['id']}").json()
+                                                           "max_steps": steps}}}  # fmt: skip
+    r = rh.post("/v1/fine_tuning/jobs", json=body)
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+def test_a_training_job_on_a_ray_worker_can_be_cancelled(rh):
+    job = train(rh, "never", steps=5000)
+    job = wait_for(rh, job, lambda j: (j.get("metrics") or {}).get("step", 0) >= 1)  # running, steps under way
+    rh.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel")
+    job = wait_for(rh, job, lambda j: j["status"] in ("succeeded", "failed", "cancelled"))
+    assert job["status"] == "cancelled" and job["metrics"]["step"] < 5000
+    assert rh.get("/v1/adapters/never").status_code == 404
+
+
+def test_training_job_runs_as_a_ray_task_and_is_served_by_both_replicas(rh, http):
+    job = wait_for(rh, train(rh, "trained", steps=6), lambda j: j["status"] in ("succeeded", "failed", "cancelled"))
     assert job["status"] == "succeeded", job["error"]
     events = rh.get(f"/v1/fine_tuning/jobs/{job['id']}/events").json()["data"]
     assert sorted(e["data"]["step"] for e in events if e["data"] and "loss" in e["data"]) == list(range(1, 7))
