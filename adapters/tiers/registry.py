@@ -133,6 +133,10 @@ class AdapterRegistry:
     def __len__(self) -> int:
         return len(self._by_name)
 
+    def __contains__(self, name: str) -> bool:
+        with self._lock:
+            return name in self._by_name
+
     @property
     def resident_bytes(self) -> int:
         return self._resident_bytes

@@ -136,7 +136,8 @@ class AdapterStore:
                 path = d / str(versions[-1])
                 try:
                     meta = json.loads((path / "meta.json").read_text())
-                    out.append(StoredAdapter(**(meta | {"path": path})))
+                    known = {k: meta[k] for k in StoredAdapter.__dataclass_fields__ if k in meta}  # a newer writer may add
+                    out.append(StoredAdapter(**(known | {"path": path})))
                 except (OSError, ValueError, TypeError) as e:  # a damaged meta.json
                     log.error("skipping stored adapter %s: its meta.json is unreadable (%s)", d.name, e)
                     self.unreadable[d.name] = f"meta.json is unreadable ({e.__class__.__name__})"

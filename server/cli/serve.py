@@ -1,4 +1,5 @@
-"""Serve the OpenAI-compatible API (every setting is an option, and an environment variable LORAPLEX_<NAME>)."""
+"""Serve the OpenAI-compatible API (every setting is an option, and an environment variable LORAPLEX_<NAME>); with
+--replicas N, N engine replicas behind one endpoint on Ray Serve."""
 
 from __future__ import annotations
 
@@ -14,13 +15,24 @@ from server.settings import Settings
 def serve(
     log_level: Annotated[str, typer.Option(help="Logging level: debug, info, warning or error.")] = "info", **options
 ) -> None:
+    settings = build(Settings, **given(options, Settings))
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.clustered:  # through Ray Serve: only this path imports ray
+        try:
+            from server.ray.app import run
+        except ImportError as e:
+            if (e.name or "").split(".")[0] not in ("ray", "fsspec"):
+                raise
+            typer.secho(f"error: --replicas needs Ray Serve ({e.name} is missing): pip install 'loraplex[ray]'",
+                        fg="red", err=True)  # fmt: skip
+            raise typer.Exit(2) from None
+        run(settings)
+        return
     import uvicorn
 
     from server.http.app import create_app
     from server.http.drain import GRACE, DrainingServer
 
-    settings = build(Settings, **given(options, Settings))
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
     # SIGTERM drains first (server.http.drain); uvicorn's own graceful shutdown then has nothing left to wait for
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level,

@@ -1,4 +1,5 @@
-"""`create_app(settings)`: the FastAPI app, with no import-time singletons.
+"""`create_app(settings)`: the FastAPI app, with no import-time singletons (`build_app`: the same app around another
+start-up, as the Ray Serve ingress builds it).
 
 The process listens at once; a start-up thread loads the base model, builds and warms the engine and the adapter
 catalog (`/health/ready` says 503 until then). SIGTERM drains (`server.http.drain`, when served by `loraplex
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -26,6 +28,7 @@ from server.engine.engine import Engine
 from server.engine.model import load_base_model, pick_device
 from server.engine.platform import configure_process
 from server.http.auth import AllowedHosts, load_api_keys
+from server.http.engine_client import LocalEngine
 from server.http.errors import InternalErrors, install_error_handlers
 from server.http.limits import BodySizeLimit
 from server.http.openai import OpenAIServing
@@ -34,6 +37,7 @@ from server.http.state import AppState
 from server.jobs.config import JobsConfig
 from server.jobs.service import JobService
 from server.jobs.store import JobStore
+from server.jobs.supervisor import ProcessLauncher
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -62,7 +66,7 @@ def start_engine(state: AppState) -> None:
         engine.start()
         m = state.metrics
         state.async_engine = AsyncEngine(engine, s.max_waiting, m.ttft.observe, m.itl.observe)
-        state.serving = OpenAIServing(base, state.async_engine, catalog, engine.max_len, m)
+        state.serving = OpenAIServing(base, LocalEngine(state.async_engine), catalog, engine.max_len, m)
         state.catalog = catalog
         pool = engine.pool
         m.bind(
@@ -91,14 +95,22 @@ def start_engine(state: AppState) -> None:
 def create_app(settings: Settings) -> FastAPI:
     # process-wide CPU policies, before any thread allocates (server.engine.platform)
     configure_process(settings.section(CpuConfig), pick_device(settings.device))
+    return build_app(settings, start_engine, AdapterStore(settings.data_dir / "adapters"))
+
+
+def build_app(settings: Settings, start: Callable[[AppState], None], store: AdapterStore,
+              launcher: ProcessLauncher | None = None) -> FastAPI:  # fmt: skip
+    """The app around `start(state)`, which fills in the model side of `state` in a start-up thread: `start_engine`
+    loads the model in this process; the ingress of a Ray Serve application reaches engine replicas instead
+    (`server.ray.ingress`, with its shared store and a launcher of training jobs as Ray tasks)."""
     jobs_db = JobStore(settings.data_dir / "jobs.db", settings.jobs_db_synchronous)
     job_service = JobService(
         jobs_db, settings.data_dir, settings.section(JobsConfig), settings.drain_timeout,
-        model_path=lambda: state.base.path if state.ready else None, catalog=lambda: state.catalog,
+        model_path=lambda: state.base.path if state.ready else None, catalog=lambda: state.catalog, launcher=launcher,
     )  # fmt: skip
     state = AppState(
         settings=settings,
-        store=AdapterStore(settings.data_dir / "adapters"),
+        store=store,
         jobs=jobs_db,
         job_service=job_service,
         api_keys=load_api_keys(settings.api_keys_file),
@@ -107,7 +119,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        loader = threading.Thread(target=start_engine, args=(state,), name="loraplex-loader", daemon=True)
+        loader = threading.Thread(target=start, args=(state,), name="loraplex-loader", daemon=True)
         loader.start()
         job_service.supervisor.start()
         yield

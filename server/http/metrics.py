@@ -33,6 +33,8 @@ class Metrics:
         self.merges = Gauge("loraplex_adapter_merges_total", "Automatic merges of a dominant adapter", registry=r)
         self.unmerges = Gauge("loraplex_adapter_unmerges_total", "Automatic unmerges", registry=r)
         self.jobs = Gauge("loraplex_training_jobs", "Training jobs by status", ["status"], registry=r)
+        self.replica_retries = Counter("loraplex_replica_retries", "Requests sent again to another engine replica "
+                                       "(Ray Serve) after theirs stopped before the first token", registry=r)
         self.kv_cache_rows = Gauge("loraplex_kv_cache_rows", "KV-cache rows: sequences decoded together at most", registry=r)
         self.lora_pool_pages = Gauge("loraplex_lora_pool_pages", "Pages of the device LoRA pool", registry=r)
         self.prefix_queried = Gauge("loraplex_prefix_cache_queried_tokens", "Prompt tokens looked up in the prefix cache",

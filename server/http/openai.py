@@ -21,10 +21,11 @@ from dataclasses import dataclass, field
 
 from adapters.tiers.registry import AdapterNotFound
 from server.catalog import AdapterCatalog
-from server.engine.async_engine import AsyncEngine, Overloaded
+from server.engine.async_engine import Overloaded
 from server.engine.model import BaseModel
 from server.engine.request import AdapterUse, RequestOutput
 from server.engine.sampling import SamplingParams, TokenLogprob
+from server.http.engine_client import EngineClient
 from server.http.errors import APIError
 from server.http.metrics import Metrics
 from server.http.prompts import PromptBuilder
@@ -67,7 +68,10 @@ async def _prepend(first, rest: AsyncIterator) -> AsyncIterator:
 
 
 class OpenAIServing:
-    def __init__(self, base: BaseModel, engine: AsyncEngine, catalog: AdapterCatalog, max_model_len: int,
+    """The OpenAI endpoints over an engine client; `base` gives the model id and tokenizer only (the ingress of a Ray
+    Serve application has no model: `server.ray.ingress`)."""
+
+    def __init__(self, base: BaseModel, engine: EngineClient, catalog: AdapterCatalog, max_model_len: int,
                  metrics: Metrics):  # fmt: skip
         self.base = base
         self.tokenizer = base.tokenizer
@@ -76,7 +80,6 @@ class OpenAIServing:
         self.max_model_len = max_model_len
         self.metrics = metrics
         self.prompts = PromptBuilder(base.tokenizer, max_model_len, engine.max_waiting)
-        self._reserved = 0  # engine requests checked against the queue but not yet submitted
         self._runs: set[asyncio.Queue] = set()  # the output queue of every running request
         self._token_texts: dict[int, str] = {}
 
@@ -103,7 +106,7 @@ class OpenAIServing:
         uses = []
         for name, weight, param in named:
             try:
-                adapter = self.catalog.get(name, tenant)
+                adapter = await self.catalog.lookup(name, tenant)
             except AdapterNotFound:
                 what = "model" if param == "model" else "adapter"
                 raise APIError(404, f"The {what} '{name}' does not exist.", "invalid_request_error", param, "model_not_found") from None
@@ -151,49 +154,44 @@ class OpenAIServing:
         with admit(cost) if admit else nullcontext():
             label = self.metrics.adapter_label(req.model if uses else "base")
             self.metrics.adapter_requests.labels(label).inc()
-            try:
-                self.engine.check_capacity(len(params) + self._reserved)
-            except Overloaded as e:
-                raise APIError(503, str(e), "server_error", headers={"Retry-After": "1"}) from None
-            async for item in self._outputs(prompts, req, params, uses):
+            async for item in self._outputs([prompts[i // req.n] for i in range(len(params))], params, uses):
                 yield item
 
-    async def _outputs(self, prompts, req, params, uses) -> AsyncIterator[tuple[int, RequestOutput]]:
+    async def _outputs(self, prompts: list[list[int]], params: list[SamplingParams], uses: list[AdapterUse]
+                       ) -> AsyncIterator[tuple[int, RequestOutput]]:  # fmt: skip
+        """The engine client's outputs for choices i (prompts[i], params[i]), through a queue that `shutdown` can
+        end at once (a 503) whatever the engine is doing; closing it aborts every choice still running."""
         queue: asyncio.Queue = asyncio.Queue()
-        gens = [self.engine.generate(prompts[i // req.n], sp, uses) for i, sp in enumerate(params)]
-        unsubmitted = [len(gens)]  # reserved in the queue's count until each pump submits its request
-        self._reserved += len(gens)
+        outputs = self.engine.run(prompts, params, uses)
 
-        async def pump(i: int, gen) -> None:
-            unsubmitted[0] -= 1
-            self._reserved -= 1  # no await until `generate` has submitted: the engine counts it from here
+        async def pump() -> None:
             try:
-                async for out in gen:
-                    await queue.put((i, out))
-            except Exception as e:  # still an answer for this choice, never a hang
-                await queue.put((i, RequestOutput("", "", [], None, "error", 0, 0, f"internal error: {e.__class__.__name__}")))
+                async for item in outputs:
+                    queue.put_nowait(item)
+                queue.put_nowait((None, None))
+            except Exception as e:  # Overloaded, AdapterNotFound (a replica's catalog), anything: raised by the reader
+                queue.put_nowait((None, e))
 
-        tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(gens)]
+        task = asyncio.create_task(pump())
         self._runs.add(queue)
-        done = 0
         try:
-            while done < len(tasks):
+            while True:
                 i, out = await queue.get()
-                if i is None:  # shutdown()
+                if i is None:  # the end, an error, or shutdown()
+                    if out is None:
+                        return
                     raise out
                 if out.finish_reason is not None:
-                    done += 1
                     self.metrics.generation_tokens.inc(out.completion_tokens)
                     self.metrics.prompt_tokens.inc(out.prompt_tokens)
                 yield i, out
+        except Overloaded as e:
+            raise APIError(503, str(e), "server_error", headers={"Retry-After": "1"}) from None
         finally:
             self._runs.discard(queue)
-            self._reserved -= unsubmitted[0]  # pumps cancelled before they ran
-            unsubmitted[0] = 0
-            for t in tasks:
-                t.cancel()
-            # a cancelled pump closes its generator, which aborts the request in the engine
-            await asyncio.gather(*tasks, return_exceptions=True)
+            task.cancel()  # a cancelled pump closes the engine client's iterator: it aborts what still runs
+            await asyncio.gather(task, return_exceptions=True)
+            await outputs.aclose()
 
     # ---- engine → response --------------------------------------------------------------------
 

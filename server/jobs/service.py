@@ -27,7 +27,7 @@ from adapters.training.data import DataError, read_jsonl
 from server.catalog import AdapterCatalog, AdapterNotOwned
 from server.jobs.config import JobsConfig
 from server.jobs.store import TERMINAL, FileRecord, IllegalTransition, JobRecord, JobStore, new_id
-from server.jobs.supervisor import JobSupervisor
+from server.jobs.supervisor import JobSupervisor, ProcessLauncher
 from server.tenants import OPERATOR, Tenant
 
 R = TypeVar("R")
@@ -81,10 +81,12 @@ class JobRequest:
 
 class JobService:
     def __init__(self, store: JobStore, root: Path, config: JobsConfig, stop_timeout: float,
-                 model_path: Callable[[], str | None], catalog: Callable[[], AdapterCatalog | None]):  # fmt: skip
-        """`catalog()` is the adapter catalog once the model is loaded (jobs are created and registered only then)."""
+                 model_path: Callable[[], str | None], catalog: Callable[[], AdapterCatalog | None],
+                 launcher: ProcessLauncher | None = None):  # fmt: skip
+        """`catalog()` is the adapter catalog once the model is loaded (jobs are created and registered only then);
+        `launcher` starts each job's worker (default: a local process)."""
         self.store, self.config, self.catalog = store, config, catalog
-        self.supervisor = JobSupervisor(store, root, config, stop_timeout, model_path, self._register_trained)
+        self.supervisor = JobSupervisor(store, root, config, stop_timeout, model_path, self._register_trained, launcher)
 
     # ---- files ------------------------------------------------------------------------------
 

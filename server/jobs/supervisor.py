@@ -1,4 +1,5 @@
-"""The job supervisor: queued jobs start in worker processes, one at a time by default.
+"""The job supervisor: queued jobs start in worker processes (or Ray tasks, `server.ray.jobs`), one at a time by
+default.
 
 An asyncio task of the server. It starts queued jobs (oldest first) while fewer than
 `max_jobs` run, copies each worker's events into the job store, and gives every job exactly one
@@ -45,18 +46,34 @@ class _Active:
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
 
+class ProcessLauncher:
+    """Each job in a worker process of this machine (multiprocessing's spawn). A launcher returns the worker's
+    handles (process, events, cancel, shutdown) as `multiprocessing` makes them; `server.ray.jobs` has a Ray task's."""
+
+    def __init__(self) -> None:
+        self._ctx = multiprocessing.get_context("spawn")
+
+    def launch(self, spec: dict[str, Any], name: str) -> tuple[Any, Any, Any, Any]:
+        events = self._ctx.Queue()
+        cancel, shutdown = self._ctx.Event(), self._ctx.Event()
+        process = self._ctx.Process(target=worker.main, args=(spec, events, cancel, shutdown), name=name, daemon=True)
+        process.start()
+        return process, events, cancel, shutdown
+
+
 class JobSupervisor:
     def __init__(self, store: JobStore, root: Path, config: JobsConfig, stop_timeout: float,
-                 model_path: Callable[[], str | None], register: Callable[[JobRecord, Path], Awaitable[str | None]]):
+                 model_path: Callable[[], str | None], register: Callable[[JobRecord, Path], Awaitable[str | None]],
+                 launcher: ProcessLauncher | None = None):
         """`root`: per-job working directories (checkpoint, exported adapter) and the training files;
         `stop_timeout`: seconds a worker gets to checkpoint and exit at shutdown, or to stop by itself once past its
         job's wall-clock limit, before it is killed; `model_path()` is the base model's directory once it is loaded
         (None before); `register(job, adapter_dir)` validates and registers a trained adapter, returning a problem
-        or None."""
+        or None; `launcher` starts a job's worker (default: a local process)."""
         self.store, self.root, self.config, self.stop_timeout = store, root, config, stop_timeout
         self.model_path, self.register = model_path, register
+        self.launcher = launcher or ProcessLauncher()
         self.active: dict[str, _Active] = {}
-        self._ctx = multiprocessing.get_context("spawn")
         self._task: asyncio.Task | None = None
         self._stopping = False
         self._wake = asyncio.Event()
@@ -154,13 +171,9 @@ class JobSupervisor:
 
     def _spawn(self, job: JobRecord) -> None:
         self.job_dir(job.id).mkdir(parents=True, exist_ok=True)
-        events = self._ctx.Queue()
-        cancel, shutdown = self._ctx.Event(), self._ctx.Event()
+        process, events, cancel, shutdown = self.launcher.launch(self.spec_of(job), f"loraplex-train-{job.id}")
         if job.cancel_requested:
             cancel.set()
-        process = self._ctx.Process(target=worker.main, args=(self.spec_of(job), events, cancel, shutdown),
-                                    name=f"loraplex-train-{job.id}", daemon=True)
-        process.start()
         self.active[job.id] = _Active(job, process, events, cancel, shutdown, time.monotonic())
         self.store.add_event(job.id, "info", f"Training started ({job.method.get('type', 'lora')}, "
                              f"{job.total_steps} steps)", {"total_steps": job.total_steps})

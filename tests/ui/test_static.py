@@ -84,7 +84,7 @@ def test_the_wheel_ships_the_console(tmp_path):
 def test_session_says_what_the_server_allows_and_its_training_limits(http, server):
     s = http.get("/ui/api/session").json()
     settings = server.state.settings
-    assert s["auth"] is False and s["scopes"] == ["admin", "inference"] and all(s["can"].values())
+    assert s["auth"] is False and s["scopes"] == ["admin", "inference", "train"] and all(s["can"].values())
     assert s["model"] == server.state.base.model_id and s["max_model_len"] == settings.max_model_len
     assert s["limits"]["max_lora_rank"] == settings.max_lora_rank
     assert s["limits"]["max_train_steps"] == settings.max_train_steps

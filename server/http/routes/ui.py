@@ -87,9 +87,11 @@ def hyperparameter_schema() -> dict:
 @api.get("/ui/api/adapters", dependencies=[require("inference", "train")])
 def adapter_residence(st: Ready, key: Caller) -> dict:
     """Where each adapter the key's tenant sees has its weights now ("device": in the LoRA pool, "host": in
-    memory, "disk": on disk only), and the adapter merged into the base weights, if the tenant sees it."""
-    on_device = st.engine.pool.resident_keys()
-    merged = st.engine.merger.merged if st.engine.merger else None
+    memory, "disk": on disk only), and the adapter merged into the base weights, if the tenant sees it. Behind a
+    Ray Serve ingress each replica holds its own: every adapter is "disk" (in the shared store) there."""
+    pool, merger = st.engine.pool, st.engine.merger
+    on_device = pool.resident_keys() if pool is not None else frozenset()
+    merged = merger.merged if merger is not None else None
     tiers = {a.name: "device" if a.key in on_device else "host" if a.weights is not None else "disk"
              for a in st.catalog.list(key.as_tenant)}  # fmt: skip
     return {"merged": merged.name if merged is not None and merged.name in tiers else None, "adapters": tiers}
