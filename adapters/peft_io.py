@@ -9,7 +9,11 @@ pattern must not be able to stall the process). Validation collects every proble
 raising, as vLLM's `PEFTHelper` does, so one attempt tells the user all that is wrong. What can
 be served is bounded: α finite and at most `MAX_ALPHA`, every tensor finite, and every module's
 delta `scaling · B·A` provably finite (`delta_bound`), so no adapter can turn another request's
-output (or merged base weights) into NaN or Inf.
+output (or merged base weights) into NaN or Inf. The config cannot lie about the tensors
+(`config_problems`): `r` / `rank_pattern` must give every module its tensors' rank, `target_modules`
+must name exactly the modules that have weights, every pattern key must name one of them, `use_rslora` must be
+a boolean; so what is served is what `peft.PeftModel.from_pretrained` builds from the same files, and every
+download loads there.
 """
 
 from __future__ import annotations
@@ -26,10 +30,11 @@ from safetensors.torch import load_file, save_file
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."
-_CARRIED_KEYS = ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "fan_in_fan_out", "target_modules")
+_CARRIED_KEYS = ("lora_alpha", "use_rslora", "fan_in_fan_out")  # the rest of a written config comes from the tensors
 MAX_CONFIG_BYTES = 1 << 20  # an adapter_config.json is a few hundred bytes; PEFT's largest are a few KB
 MAX_PATTERNS = 4096  # entries of rank_pattern / alpha_pattern (one per module at most, in practice)
 MAX_ALPHA = 2.0**16  # |lora_alpha| and alpha_pattern values; PEFT's usual values are 8 .. 512
+PEFT_DEFAULT_R = 8  # LoraConfig's r when a config names none
 MAX_DELTA = 2.0**16  # bound on |scaling · (B·A)_ij|: finite in float16, far beyond any trained adapter's
 _PATTERN_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
 
@@ -183,6 +188,46 @@ def read_config(path: Path) -> dict:
     return config
 
 
+def _counted(modules: list[str]) -> str:
+    return modules[0] if len(modules) == 1 else f"{modules[0]} and {len(modules) - 1} more modules"
+
+
+def config_problems(config: dict, ranks: dict[str, int]) -> list[str]:
+    """Where `adapter_config.json` disagrees with the tensors ({module: rank} of the LoRA pairs found), field by
+    field, every disagreement once: what PEFT would build from the config must be what the tensors hold."""
+    problems = []
+    modules = sorted(ranks)
+    rank_pattern = config.get("rank_pattern") or {}
+    r = config.get("r", PEFT_DEFAULT_R)
+    wrong: dict[tuple[str, int, int], list[str]] = {}
+    for module in modules:
+        key = next((k for k in rank_pattern if pattern_matches(k, module)), None)
+        claimed = rank_pattern[key] if key is not None else r
+        if claimed != ranks[module]:
+            where = f"rank_pattern[{key!r}]" if key is not None else "r"
+            wrong.setdefault((where, claimed, ranks[module]), []).append(module)
+    for (where, claimed, actual), names in sorted(wrong.items()):
+        problems.append(f"{CONFIG_NAME} says {where}={claimed}, but the tensors of {_counted(names)} have rank {actual}")
+    targets, leaves = config.get("target_modules"), sorted({m.rsplit(".", 1)[-1] for m in modules})
+    if targets is None or (isinstance(targets, str) and targets != "all-linear"):  # PEFT: a str is a regex
+        what = "names no target_modules" if targets is None else f"has target_modules {targets[:80]!r}, a regex"
+        problems.append(f"{CONFIG_NAME} {what}: list the module names (the tensors adapt {leaves})")
+    elif not isinstance(targets, str) and (not isinstance(targets, list) or not all(isinstance(t, str) for t in targets)):
+        problems.append("target_modules must be a list of module names")
+    elif isinstance(targets, list):
+        if untargeted := [m for m in modules if not any(pattern_matches(t, m) for t in targets)]:
+            problems.append(f"target_modules {sorted(targets)} do not name {sorted({m.rsplit('.', 1)[-1] for m in untargeted})}, which the tensors adapt ({_counted(untargeted)})")
+        if unused := sorted(t for t in targets if not any(pattern_matches(t, m) for m in modules)):
+            problems.append(f"target_modules {unused} have no LoRA tensors in {WEIGHTS_NAME}")
+    for field_name in ("rank_pattern", "alpha_pattern"):
+        patterns = config.get(field_name) or {}
+        if unused := sorted(k for k in patterns if not any(pattern_matches(k, m) for m in modules)):
+            problems.append(f"{field_name} keys {unused[:10]} name no module that has LoRA tensors")
+    if "use_rslora" in config and not isinstance(config["use_rslora"], bool):
+        problems.append(f"use_rslora must be true or false (got {str(config['use_rslora'])[:40]})")
+    return problems
+
+
 def load_peft_adapter(
     directory: Path, shapes: dict[str, tuple[int, int]] | None = None, max_rank: int | None = None
 ) -> LoraWeights:
@@ -251,6 +296,9 @@ def load_peft_adapter(
         weights.modules[module] = lm
     if not pairs and not problems:
         problems.append("the adapter holds no LoRA weights")
+    if config and pairs:  # a config that did not parse has been reported already
+        ranks = {m: ab["A"].shape[0] for m, ab in pairs.items() if "A" in ab}
+        problems += config_problems(config, ranks)
     if shapes is not None:
         problems += fit_problems(weights, shapes, max_rank)
     if problems:
@@ -293,33 +341,40 @@ def check_fits(weights: LoraWeights, shapes: dict[str, tuple[int, int]], max_ran
 
 
 def save_peft_adapter(weights: LoraWeights, directory: Path, base_model: str | None = None) -> None:
-    """Write `weights` as a PEFT adapter directory that `peft.PeftModel.from_pretrained` loads."""
+    """Write `weights` as a PEFT adapter directory that `peft.PeftModel.from_pretrained` loads: `r`, `rank_pattern`
+    and `target_modules` are written from the tensors (so the config cannot disagree with them); the scaling keys
+    (`lora_alpha`, `alpha_pattern` for these modules, `use_rslora`) are carried over from the source config."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for module, lm in weights.modules.items():
         tensors[f"{KEY_PREFIX}{module}.lora_A.weight"] = lm.lora_A.contiguous()
         tensors[f"{KEY_PREFIX}{module}.lora_B.weight"] = lm.lora_B.contiguous()
-    # the keys that shape the math are carried over from the source config; the rest are PEFT's defaults
-    carried = {k: weights.config[k] for k in _CARRIED_KEYS if weights.config.get(k) is not None}
+    ranks = [lm.rank for lm in weights.modules.values()]
+    r = max(set(ranks), key=lambda k: (ranks.count(k), k)) if ranks else PEFT_DEFAULT_R  # the most common rank
+    source = weights.config
+    alpha_pattern = {k: v for k, v in (source.get("alpha_pattern") or {}).items()
+                     if any(pattern_matches(k, m) for m in weights.modules)}  # fmt: skip
+    carried = {k: source[k] for k in _CARRIED_KEYS if source.get(k) is not None}
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model,
-        "r": weights.rank,
         "lora_alpha": weights.alpha,
         "lora_dropout": 0.0,
-        "target_modules": weights.target_modules,
         "bias": "none",
         "fan_in_fan_out": False,
         "use_rslora": False,
         "use_dora": False,
         "modules_to_save": None,
-        "rank_pattern": {},
-        "alpha_pattern": {},
         "inference_mode": True,
         "init_lora_weights": True,
-    } | carried
+    } | carried | {
+        "r": r,
+        "rank_pattern": {m: lm.rank for m, lm in sorted(weights.modules.items()) if lm.rank != r},
+        "alpha_pattern": alpha_pattern,
+        "target_modules": weights.target_modules,
+    }
     save_file(tensors, str(directory / WEIGHTS_NAME))
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2))
 

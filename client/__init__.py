@@ -1,6 +1,8 @@
 """loraplex client: typed sync and async Python clients for the loraplex HTTP API (API.md).
 
-Depends on httpx and pydantic only; it never imports the server or torch.
+Depends on httpx, pydantic, httpx-sse (server-sent events) and tenacity (retries) only; it never imports the
+server or torch. Named as the `openai` package is: errors by status (`RateLimitError`, `NotFoundError`, ...,
+`APIConnectionError`), `max_retries` with backoff honouring `Retry-After`.
 
     from client import LoraplexClient
 
@@ -11,10 +13,14 @@ Depends on httpx and pydantic only; it never imports the server or torch.
 from ._async import AsyncLoraplexClient
 from ._sync import LoraplexClient
 from .errors import (
+    APIConnectionError,
     APIError,
+    APIStatusError,
+    APITimeoutError,
     AuthenticationError,
     BadRequestError,
     ConflictError,
+    InternalServerError,
     LoraplexError,
     NotFoundError,
     PayloadTooLargeError,
@@ -48,7 +54,11 @@ from .types import (
 )
 
 __all__ = [
+    "APIConnectionError",
     "APIError",
+    "APIStatusError",
+    "APITimeoutError",
+    "InternalServerError",
     "Adapter",
     "AsyncLoraplexClient",
     "AuthenticationError",

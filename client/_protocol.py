@@ -1,25 +1,32 @@
-"""The sans-I/O core both clients share: request building, response decoding, SSE parsing.
+"""The sans-I/O core both clients share: request building, response decoding, SSE events, retries.
 
 `_sync.LoraplexClient` and `_async.AsyncLoraplexClient` only send the `Request`s built here and
 feed the answers back; nothing about the wire format is written twice. The split follows the
-"sans-I/O" pattern of h11 and httpcore.
+"sans-I/O" pattern of h11 and httpcore. Server-sent events are parsed by `httpx-sse`; retries (as the
+`openai` package's: 429/502/503/504 and refused connections, exponential backoff with jitter, the server's
+`Retry-After` honoured) are `tenacity` policies.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import random
+import shutil
+import tarfile
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Generic, TypeVar
+from typing import Any, BinaryIO, TypeVar
 from urllib.parse import quote
 
 import httpx
 from pydantic import BaseModel
+from tenacity import RetryCallState, retry_if_exception, stop_after_attempt
 
-from .errors import error_from_event, error_from_response
+from .errors import APIConnectionError, APIStatusError, APITimeoutError, error_from_event, error_from_response
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -129,14 +136,19 @@ def file_upload_request(path: str | Path, purpose: str) -> Request:
 
 def job_request(
     training_file: str,
-    adapter_name: str,
+    adapter_name: str | None,
     method: dict[str, Any] | None,
     validation_file: str | None,
     seed: int | None,
+    *,
+    suffix: str | None = None,
+    model: str | None = None,
+    overwrite: bool = False,
 ) -> Request:
     """`POST /v1/fine_tuning/jobs`; the server fills in the default method when none is given."""
-    options = {"method": method, "validation_file": validation_file, "seed": seed}
-    body = {"training_file": training_file, "adapter_name": adapter_name}
+    options = {"adapter_name": adapter_name, "suffix": suffix, "model": model, "method": method,
+               "validation_file": validation_file, "seed": seed, "overwrite": overwrite or None}  # fmt: skip
+    body = {"training_file": training_file}
     body.update({key: value for key, value in options.items() if value is not None})
     return Request("POST", "/v1/fine_tuning/jobs", json=body)
 
@@ -170,50 +182,79 @@ def parse_list(body: Any, model: type[M]) -> list[M]:
     return [model.model_validate(item) for item in items]
 
 
-class SSEDecoder(Generic[M]):
-    """Turns the lines of a `text/event-stream` body into `model` objects, one per event.
+class Done(Exception):
+    """`data: [DONE]`: the stream is over."""
 
-    Follows the WHATWG event-stream rules the server needs: `data:` lines (joined by newlines),
-    a blank line ends an event, `:` lines are comments, other fields are ignored. `done` turns
-    True at `data: [DONE]`; an `{"error": {...}}` payload raises `LoraplexError`.
+
+def decode_event(data: str, model: type[M]) -> M:
+    """One SSE event's `data` as `model`; `Done` at `[DONE]`, the mapped `LoraplexError` for an
+    `{"error": {...}}` payload (an error after the stream started)."""
+    if data == "[DONE]":
+        raise Done
+    payload = json.loads(data)
+    if isinstance(payload, dict) and isinstance(payload.get("error"), dict):
+        raise error_from_event(payload)
+    return model.model_validate(payload)
+
+
+# --- retries -------------------------------------------------------------------------------
+
+RETRIED_STATUSES = frozenset({429, 502, 503, 504})
+MAX_RETRY_AFTER = 60.0  # a longer hint is not waited for: the error goes to the caller (as the openai package does)
+
+
+def retryable(error: BaseException) -> bool:
+    """Whether sending again may succeed: nothing was done (a refused connection), or the server said to come back
+    (429 / 503 with Retry-After, 502 / 503 / 504 from a proxy or a loading server)."""
+    if isinstance(error, APIConnectionError):
+        return not isinstance(error, APITimeoutError)  # a request that timed out may have been acted on
+    if isinstance(error, APIStatusError) and error.status_code in RETRIED_STATUSES:
+        if error.retry_after is not None:
+            return error.retry_after <= MAX_RETRY_AFTER
+        return error.status_code != 429  # 429 without a hint: a request that can never fit
+    return False
+
+
+def retry_wait(state: RetryCallState) -> float:
+    """The server's Retry-After when it sent one, else 0.5 s doubling to 8 s, less up to a quarter of jitter."""
+    error = state.outcome.exception() if state.outcome else None
+    hint = getattr(error, "retry_after", None)
+    if hint is not None:
+        return hint
+    return min(0.5 * 2 ** (state.attempt_number - 1), 8.0) * (1 - 0.25 * random.random())
+
+
+def retry_policy(max_retries: int) -> dict[str, Any]:
+    """tenacity's arguments for `max_retries` retries of one request (the last error is raised as it is)."""
+    return dict(stop=stop_after_attempt(max_retries + 1), wait=retry_wait, retry=retry_if_exception(retryable),
+                reraise=True)  # fmt: skip
+
+
+def connection_error(error: httpx.TransportError, base_url: httpx.URL) -> APIConnectionError:
+    """A transport failure as the error type callers catch, naming the server's address."""
+    if isinstance(error, httpx.TimeoutException) and not isinstance(error, httpx.ConnectTimeout):
+        return APITimeoutError(f"the server at {base_url} did not answer in time ({error.__class__.__name__})",
+                               url=str(base_url))  # fmt: skip
+    reason = str(error) or error.__class__.__name__
+    return APIConnectionError(f"cannot reach the server at {base_url} ({reason})", url=str(base_url))
+
+
+# --- downloads -----------------------------------------------------------------------------
+
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz")
+
+
+def download_target(name: str, dest: str | Path, extract: bool | None = None) -> tuple[Path, bool]:
+    """Where `download_adapter` writes, and whether as the PEFT folder (True) or a `.tar.gz` (False).
+
+    `extract` None decides by `dest`: a name ending in `.tar.gz` / `.tgz` is the archive; anything else is a
+    folder, `dest` itself when it does not exist yet, `<dest>/<name>` inside an existing directory (as `cp -r`).
     """
-
-    def __init__(self, model: type[M]) -> None:
-        self._model = model
-        self._data: list[str] = []
-        self.done = False
-
-    def feed(self, line: str) -> M | None:
-        """The event this line completes, if any."""
-        if not line:
-            return self._dispatch()
-        field, _, value = line.partition(":")
-        if field == "data":
-            self._data.append(value.removeprefix(" "))
-        return None
-
-    def close(self) -> M | None:
-        """The event left unterminated when the body ended, if any."""
-        return self._dispatch()
-
-    def _dispatch(self) -> M | None:
-        if not self._data:
-            return None
-        data = "\n".join(self._data)
-        self._data = []
-        if data == "[DONE]":
-            self.done = True
-            return None
-        payload = json.loads(data)
-        if isinstance(payload, dict) and isinstance(payload.get("error"), dict):
-            raise error_from_event(payload)
-        return self._model.model_validate(payload)
-
-
-def download_target(name: str, dest: str | Path) -> Path:
-    """Where `download_adapter` writes: `dest` itself, or `<dest>/<name>.tar.gz` for a directory."""
     dest = Path(dest)
-    return dest / f"{name}.tar.gz" if dest.is_dir() else dest
+    as_folder = not dest.name.endswith(ARCHIVE_SUFFIXES) if extract is None else extract
+    if as_folder:
+        return (dest / name if dest.is_dir() else dest), True
+    return (dest / f"{name}.tar.gz" if dest.is_dir() else dest), False
 
 
 @contextlib.contextmanager
@@ -227,6 +268,29 @@ def open_download(target: Path) -> Iterator[BinaryIO]:
         partial.unlink(missing_ok=True)
         raise
     partial.replace(target)
+
+
+def extract_adapter(archive: BinaryIO, target: Path) -> None:
+    """Write the two PEFT files of a downloaded `.tar.gz` into the folder `target` (created; nothing else of the
+    archive is written, whatever its member names say)."""
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise FileExistsError(f"{target} exists and is not an empty folder")
+    tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=target.parent))
+    try:
+        with tarfile.open(fileobj=archive, mode="r:gz") as tar:
+            for member in tar:
+                name = member.name.rsplit("/", 1)[-1]
+                if member.isfile() and name in ADAPTER_FILES and (source := tar.extractfile(member)) is not None:
+                    with source, (tmp / name).open("wb") as out:
+                        shutil.copyfileobj(source, out, 1 << 20)
+        missing = [f for f in ADAPTER_FILES if not (tmp / f).is_file()]
+        if missing:
+            raise ValueError(f"the downloaded archive lacks {', '.join(missing)}")
+        if target.exists():
+            target.rmdir()
+        tmp.rename(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def poll_delay(job_id: str, status: str, deadline: float | None, poll_interval: float) -> float:

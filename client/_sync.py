@@ -7,6 +7,7 @@ fine-tuning jobs) plus the loraplex adapter routes; see API.md for the contract.
 from __future__ import annotations
 
 import contextlib
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,9 +15,11 @@ from types import TracebackType
 from typing import Any, Self
 
 import httpx
+from httpx_sse import EventSource
+from tenacity import Retrying
 
 from . import _protocol as protocol
-from ._protocol import M, Request, SSEDecoder, check_response, parse_list, path_segment
+from ._protocol import M, Request, check_response, parse_list, path_segment
 from .errors import error_from_response
 from .types import (
     Adapter,
@@ -40,10 +43,14 @@ class LoraplexClient:
         api_key: str | None = None,
         timeout: float = 600.0,
         transport: httpx.BaseTransport | None = None,
+        max_retries: int = 2,
     ) -> None:
+        """`max_retries`: how often a request is sent again after a refused connection, a 429 or 503 with
+        `Retry-After`, or a 502 / 503 / 504 (the `openai` package's default: 2), backing off in between."""
         self._http = httpx.Client(
             base_url=base_url, headers=protocol.default_headers(api_key), timeout=timeout, transport=transport
         )
+        self.max_retries = max_retries
 
     def close(self) -> None:
         self._http.close()
@@ -58,37 +65,47 @@ class LoraplexClient:
 
     # --- I/O: the only part that differs from the async client ----------------------------
 
+    def _request(self, request: Request, stream: bool = False) -> httpx.Response:
+        """Send `request` (again, as `retry_policy` says); a 2xx response, else the mapped error. With `stream` the
+        body is left unread: the caller closes the response."""
+        for attempt in Retrying(**protocol.retry_policy(self.max_retries)):
+            with attempt:
+                with protocol.opened_uploads(request) as files:
+                    try:
+                        built = self._http.build_request(request.method, request.path, json=request.json,
+                                                         params=request.params, data=request.form, files=files)
+                        response = self._http.send(built, stream=stream)
+                    except httpx.TransportError as e:
+                        raise protocol.connection_error(e, self._http.base_url) from e
+                if not response.is_success:
+                    response.read()
+                    raise error_from_response(response)
+        return response
+
     def _send(self, request: Request) -> httpx.Response:
-        with protocol.opened_uploads(request) as files:
-            response = self._http.request(
-                request.method, request.path, json=request.json, params=request.params, data=request.form, files=files
-            )
-        return check_response(response)
+        return self._request(request)
 
     def _json(self, request: Request) -> Any:
-        return self._send(request).json()
+        return (self._send(request)).json()
 
     @contextlib.contextmanager
     def _open_stream(self, request: Request) -> Iterator[httpx.Response]:
         """The response with its body not yet read; raises the mapped error on a non-2xx status."""
-        with self._http.stream(request.method, request.path, json=request.json, params=request.params) as response:
-            if not response.is_success:
-                response.read()
-                raise error_from_response(response)
+        response = self._request(request, stream=True)
+        try:
             yield response
+        except httpx.TransportError as e:
+            raise protocol.connection_error(e, self._http.base_url) from e
+        finally:
+            response.close()
 
     def _stream(self, request: Request, model: type[M]) -> Iterator[M]:
         with self._open_stream(request) as response:
-            decoder = SSEDecoder(model)
-            for line in response.iter_lines():
-                event = decoder.feed(line)
-                if event is not None:
-                    yield event
-                if decoder.done:
+            for event in EventSource(response).iter_sse():
+                try:
+                    yield protocol.decode_event(event.data, model)
+                except protocol.Done:
                     return
-            event = decoder.close()
-            if event is not None:
-                yield event
 
     # --- health and models ------------------------------------------------------------------
 
@@ -229,13 +246,18 @@ class LoraplexClient:
         """Unregister an adapter; requests already running on it finish first."""
         self._send(Request("DELETE", f"/v1/adapters/{path_segment(name)}"))
 
-    def download_adapter(self, name: str, dest: str | Path) -> Path:
-        """Save the adapter's PEFT files as `.tar.gz` to `dest` (or into it, if a directory)."""
-        target = protocol.download_target(name, dest)
+    def download_adapter(self, name: str, dest: str | Path, extract: bool | None = None) -> Path:
+        """Save the adapter's PEFT files to `dest`: as the adapter's folder, or as a `.tar.gz` when `dest` is named
+        so (`extract` forces either; see `_protocol.download_target`). Returns the path written."""
+        target, as_folder = protocol.download_target(name, dest, extract)
         request = Request("GET", f"/v1/adapters/{path_segment(name)}/download")
-        with self._open_stream(request) as response, protocol.open_download(target) as file:
-            for chunk in response.iter_bytes():
-                file.write(chunk)
+        with self._open_stream(request) as response:
+            with (tempfile.TemporaryFile() if as_folder else protocol.open_download(target)) as file:
+                for chunk in response.iter_bytes():
+                    file.write(chunk)
+                if as_folder:
+                    file.seek(0)
+                    protocol.extract_adapter(file, target)
         return target
 
     # --- files and fine-tuning jobs ---------------------------------------------------------
@@ -244,16 +266,26 @@ class LoraplexClient:
         """Upload a JSONL training file; its `id` is what `create_job` takes."""
         return FileObject.model_validate(self._json(protocol.file_upload_request(path, purpose)))
 
+    def delete_file(self, id: str) -> None:
+        """Remove an uploaded file (one no unfinished job reads)."""
+        self._send(Request("DELETE", f"/v1/files/{path_segment(id)}"))
+
     def create_job(
         self,
         training_file: str,
-        adapter_name: str,
+        adapter_name: str | None = None,
         method: dict[str, Any] | None = None,
         validation_file: str | None = None,
         seed: int | None = None,
+        *,
+        suffix: str | None = None,
+        model: str | None = None,
+        overwrite: bool = False,
     ) -> FineTuningJob:
-        """Start training `adapter_name`; `method` is `{"type": "lora", "hyperparameters": {...}}`."""
-        request = protocol.job_request(training_file, adapter_name, method, validation_file, seed)
+        """Start training `adapter_name` (or OpenAI's `suffix`; neither: the server names it); `method` is
+        `{"type": "lora", "hyperparameters": {...}}`; `overwrite` replaces an adapter of that name on success."""
+        request = protocol.job_request(training_file, adapter_name, method, validation_file, seed, suffix=suffix,
+                                       model=model, overwrite=overwrite)  # fmt: skip
         return FineTuningJob.model_validate(self._json(request))
 
     def list_jobs(self) -> list[FineTuningJob]:

@@ -2,7 +2,9 @@
 
 Every non-2xx answer on `/v1/*` carries the OpenAI envelope
 `{"error": {"message", "type", "param", "code"}}` (API.md, "Conventions"); the HTTP status
-picks the exception class, as in the `openai` Python package.
+picks the exception class, named and arranged as in the `openai` Python package: `APIStatusError` (with
+`status_code`, `response`, `body`) and its subclasses per status, `InternalServerError` for 5xx,
+`APIConnectionError` / `APITimeoutError` when no answer came (naming the URL tried).
 """
 
 from __future__ import annotations
@@ -40,47 +42,68 @@ class LoraplexError(Exception):
         return f"{prefix}{self.message}{suffix}"
 
 
-class BadRequestError(LoraplexError):
+class APIConnectionError(LoraplexError):
+    """No answer: the server could not be reached (the message names the URL tried)."""
+
+    def __init__(self, message: str, *, url: str | None = None) -> None:
+        super().__init__(message)
+        self.url = url
+
+
+class APITimeoutError(APIConnectionError):
+    """The server did not answer in time."""
+
+
+class APIStatusError(LoraplexError):
+    """An error answer (non-2xx); `response` is the httpx response and `body` its parsed JSON (or None)."""
+
+    response: httpx.Response | None = None
+    body: Any = None
+    retry_after: float | None = None
+    """The server's `Retry-After` hint in seconds, if it sent one."""
+
+
+class BadRequestError(APIStatusError):
     """400: a bad value, e.g. prompt + max_tokens over the context length."""
 
 
-class AuthenticationError(LoraplexError):
+class AuthenticationError(APIStatusError):
     """401: no API key, or a wrong one."""
 
 
-class PermissionDeniedError(LoraplexError):
+class PermissionDeniedError(APIStatusError):
     """403: the key lacks the scope (`inference` or `admin`)."""
 
 
-class NotFoundError(LoraplexError):
+class NotFoundError(APIStatusError):
     """404: unknown model, adapter, file or job."""
 
 
-class ConflictError(LoraplexError):
+class ConflictError(APIStatusError):
     """409: the adapter name exists and `overwrite` was not set."""
 
 
-class PayloadTooLargeError(LoraplexError):
+class PayloadTooLargeError(APIStatusError):
     """413: body or upload too large."""
 
 
-class UnprocessableEntityError(LoraplexError):
+class UnprocessableEntityError(APIStatusError):
     """422: the request violates the schema."""
 
 
-class RateLimitError(LoraplexError):
+class RateLimitError(APIStatusError):
     """429: the per-key rate limit was hit."""
 
 
-class ServiceUnavailableError(LoraplexError):
-    """503: overloaded or draining; `retry_after` is the server's hint in seconds, if any."""
-
-    def __init__(self, message: str, *, retry_after: float | None = None, **fields: Any) -> None:
-        super().__init__(message, **fields)
-        self.retry_after = retry_after
+class InternalServerError(APIStatusError):
+    """5xx: the server failed (500), or a proxy in front of it (502, 504)."""
 
 
-class APIError(LoraplexError):
+class ServiceUnavailableError(InternalServerError):
+    """503: overloaded, loading or draining; `retry_after` is the server's hint in seconds, if any."""
+
+
+class APIError(APIStatusError):
     """Any other status, or an error answer without the envelope (e.g. from a proxy)."""
 
 
@@ -100,18 +123,25 @@ _ERROR_BY_STATUS: dict[int, type[LoraplexError]] = {
 _MAX_QUOTED_BODY = 200
 
 
-def error_from_response(response: httpx.Response) -> LoraplexError:
+def error_from_response(response: httpx.Response) -> APIStatusError:
     """The exception for a non-2xx answer whose body has been read."""
     envelope = _parse_envelope(response.content)
     if envelope is None:
         text = response.content.decode("utf-8", errors="replace").strip()[:_MAX_QUOTED_BODY]
         message = text or response.reason_phrase or "error without a body"
-        return APIError(message, status_code=response.status_code)
-    cls = _ERROR_BY_STATUS.get(response.status_code, APIError)
-    if cls is ServiceUnavailableError:
-        retry_after = parse_retry_after(response.headers.get("retry-after"))
-        return ServiceUnavailableError(retry_after=retry_after, status_code=response.status_code, **envelope)
-    return cls(status_code=response.status_code, **envelope)
+        error: APIStatusError = APIError(message, status_code=response.status_code)
+    else:
+        cls = _ERROR_BY_STATUS.get(response.status_code, APIError)
+        if cls is APIError and response.status_code >= 500:
+            cls = InternalServerError
+        error = cls(status_code=response.status_code, **envelope)
+    error.response = response
+    try:
+        error.body = response.json()
+    except ValueError:
+        error.body = None
+    error.retry_after = parse_retry_after(response.headers.get("retry-after"))
+    return error
 
 
 def error_from_event(payload: dict[str, Any]) -> LoraplexError:

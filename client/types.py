@@ -186,12 +186,16 @@ class FineTuningJob(_Response):
     object: str = "fine_tuning.job"
     status: str
     adapter_name: str
+    model: str | None = None
+    fine_tuned_model: str | None = None
     created_at: int
     started_at: int | None = None
     finished_at: int | None = None
     trained_tokens: int | None = None
     error: JobError | str | None = None
     metrics: dict[str, Any] | None = None
+    seconds_used: float | None = None
+    estimated_finish: int | None = None
 
 
 class JobEvent(_Response):

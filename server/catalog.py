@@ -134,6 +134,9 @@ class AdapterCatalog:
                                         size_bytes=stored.size_bytes, version=version, owner=owner,
                                         public=public)  # fmt: skip
             await asyncio.to_thread(self.store.prune, name, version)
+        log.info("adapter %s %s: version %d, rank %d, %d modules, %d bytes, tenant %s%s", name,
+                 "replaced" if old is not None else "added", version, weights.rank, len(weights.modules),
+                 stored.size_bytes, owner or "system", ", public" if public else "")  # fmt: skip
         self.on_retire()
         return adapter
 
@@ -154,6 +157,7 @@ class AdapterCatalog:
             self.get_owned(name, tenant)
             self.registry.remove(name)
             await asyncio.to_thread(self.store.delete, name)
+        log.info("adapter %s deleted (by tenant %s); running requests finish on it", name, tenant.id or "system")
         self.on_retire()
 
     async def publish(self, name: str, public: bool, tenant: Tenant = OPERATOR) -> Adapter:
@@ -163,7 +167,8 @@ class AdapterCatalog:
             if adapter.path is not None and adapter.path.parent.parent == self.store.root:
                 await asyncio.to_thread(self.store.set_public, adapter.path, public)
             adapter.public = public
-            return adapter
+        log.info("adapter %s %s", name, "published" if public else "withdrawn (private)")
+        return adapter
 
     def name_problem(self, name: str) -> str | None:
         """Why `name` cannot name an adapter here: not a valid name, or the base model's id."""

@@ -9,7 +9,7 @@ own concern's config. Nothing below `server/` reads the environment. Importing t
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 from pydantic import BaseModel
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -31,6 +31,10 @@ class Settings(ClusterConfig, JobsConfig, EngineConfig, ModelConfig, HttpConfig,
     """Uploaded adapters, training files and the job database."""
     cache_dir: Path | None = None
     """Where the converted default model is kept (default: <data_dir>/cache)."""
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    """Least severe log lines written."""
+    log_format: Literal["text", "json"] = "text"
+    """Log lines as text, or as one JSON object a line (time, level, logger, message), uvicorn's included."""
 
     @property
     def model_cache_dir(self) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +12,17 @@ import torch
 
 from tests.live import LiveServer, start_server, tiny_settings
 from tests.tiny import make_model_dir, make_peft_adapter
+
+
+@pytest.fixture(autouse=True)
+def _root_logging_restored() -> Iterator[None]:
+    """A test that runs `loraplex serve` in process configures the root logger (server.logs) for the whole process:
+    undo it, so that later tests' CLI output does not carry other libraries' log lines."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 @pytest.fixture(scope="session")

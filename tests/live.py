@@ -83,14 +83,24 @@ def spawn_server(env: dict[str, str], timeout: float = 120) -> tuple[subprocess.
     proc = subprocess.Popen([sys.executable, "-m", "server", "--port", str(port), "--log-level", "warning"],
                             cwd=REPO, env=full, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(proc, url, timeout)
+    except RuntimeError:
+        proc.kill()
+        raise
+    return proc, url
+
+
+def wait_ready(proc: subprocess.Popen, url: str, timeout: float = 120) -> None:
+    """Until the server process `proc` at `url` answers /health/ready with 200; RuntimeError if it exits first or
+    the timeout passes."""
     deadline = time.monotonic() + timeout
     while True:
         if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
             raise RuntimeError("the server did not start")
         try:
             if httpx.get(f"{url}/health/ready").status_code == 200:
-                return proc, url
+                return
         except httpx.HTTPError:
             pass
         time.sleep(0.2)

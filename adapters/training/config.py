@@ -37,13 +37,13 @@ class Hyperparameters(BaseModel):
     """Dropout on the LoRA branch's input (lora only)."""
     target_modules: list[str] | None = Field(None, min_length=1)
     """Leaf names of the layers to adapt (q_proj, ...); None = every linear layer except lm_head."""
-    n_epochs: int = Field(3, ge=1)
-    """Passes over the training file."""
+    n_epochs: int | None = Field(None, ge=1)
+    """Passes over the training file; None (auto): enough for about 300 example passes, 1 to 25 (`auto_epochs`)."""
     max_steps: int | None = Field(None, ge=1)
     """Optimizer steps; when set it overrides n_epochs."""
-    learning_rate: float = Field(2e-4, gt=0, le=10)
-    """Peak learning rate."""
-    batch_size: int = Field(8, ge=1)
+    learning_rate: float = Field(2e-3, gt=0, le=10)
+    """Peak learning rate (the default learns 30 facts in one run: benchmarks/facts.py)."""
+    batch_size: int = Field(4, ge=1)
     """Examples (or packed rows) per micro-batch."""
     grad_accum: int = Field(1, ge=1)
     """Micro-batches per optimizer step."""
@@ -117,6 +117,17 @@ class TrainConfig(Hyperparameters):
         return self
 
 
+METHOD_ONLY = {"lora": {"dropout"}, "switchlora": {"export_rank", "switch_interval", "switch_ratio", "switch_warm_steps",
+                                                   "switch_init"}}  # fmt: skip
+"""Hyperparameters that only one method reads."""
+
+
+def method_hyperparameters(method: Method, values: dict) -> dict:
+    """`values` (a Hyperparameters dump) without the fields only other methods read."""
+    others = set().union(*(fields for m, fields in METHOD_ONLY.items() if m != method))
+    return {k: v for k, v in values.items() if k not in others}
+
+
 def method_problems(method: Method, hp: Hyperparameters) -> list[str]:
     """What keeps `hp` from working with `method` (every rule that spans fields), each naming its fields."""
     problems = []
@@ -128,12 +139,22 @@ def method_problems(method: Method, hp: Hyperparameters) -> list[str]:
     return problems
 
 
+AUTO_EXAMPLE_PASSES = 300  # n_epochs auto: a 30-example file is seen 10 times, 300 examples or more once
+
+
+def auto_epochs(n_examples: int) -> int:
+    """`n_epochs` when it is left to choose (OpenAI's "auto" also picks by the file's size): small files get more
+    passes, so that a few dozen facts are learned in one default run."""
+    return min(25, max(1, math.ceil(AUTO_EXAMPLE_PASSES / max(n_examples, 1))))
+
+
 def count_steps(cfg: Hyperparameters, n_examples: int) -> int:
     """Optimizer steps the run will take. With packing this is an upper bound (rows <= examples);
     `train` reports the exact total in its events."""
     if cfg.max_steps is not None:
         return cfg.max_steps
-    return cfg.n_epochs * math.ceil(n_examples / (cfg.batch_size * cfg.grad_accum))
+    epochs = cfg.n_epochs or auto_epochs(n_examples)
+    return epochs * math.ceil(n_examples / (cfg.batch_size * cfg.grad_accum))
 
 
 @dataclass

@@ -190,6 +190,7 @@ class Trainer:
         self.emit({
             "type": "step", "step": p.step, "total_steps": self.total_steps,
             "epoch": p.epoch + p.epoch_step / self.steps_per_epoch, "loss": p.recent_losses[-1],
+            "mean_loss": sum(p.recent_losses) / len(p.recent_losses),  # what TrainResult.train_loss reports
             "learning_rate": learning_rate, "grad_norm": float(grad_norm), "trained_tokens": p.trained_tokens,
             "tokens_per_second": sum(len(r.input_ids) for r in rows) / (time.perf_counter() - start),
         })  # fmt: skip

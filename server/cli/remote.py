@@ -1,7 +1,13 @@
-"""The commands that talk to a running server: `loraplex adapters ...` and `loraplex jobs ...` (through `client`)."""
+"""The commands that talk to a running server: `loraplex adapters ...` (here) and `loraplex jobs ...`
+(`server.cli.jobs`), through `client`. The server's address is `--url` or `LORAPLEX_URL`, its key `--api-key` or
+`LORAPLEX_API_KEY`; a server error is printed as its one-line message with what to do, never a traceback; list and
+show commands print JSON with `--json`."""
 
 from __future__ import annotations
 
+import json
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Annotated
 
@@ -9,190 +15,146 @@ import typer
 
 adapters_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Manage the adapters of a running server.")
 
+DEFAULT_URL = "http://127.0.0.1:8000"
 Url = Annotated[str, typer.Option("--url", envvar="LORAPLEX_URL", help="Server address.")]
 Key = Annotated[str | None, typer.Option("--api-key", envvar="LORAPLEX_API_KEY", help="API key (admin scope to write).")]
+Json = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
 
-def _client(url: str, api_key: str | None):
+def client(url: str, api_key: str | None):
     from client import LoraplexClient
 
-    return LoraplexClient(url, api_key=api_key)
+    return LoraplexClient(url, api_key=api_key, max_retries=1)
 
 
-def _run(fn):
-    """Call the server; print its error message (not a traceback) and exit 1 on failure."""
-    import httpx
+def fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg="red", err=True)
+    raise typer.Exit(1)
 
-    from client import LoraplexError
+
+def run(fn, url: str):
+    """Call the server; on failure print one line (the server's message and what to do) and exit 1."""
+    from client import APIConnectionError, AuthenticationError, ConflictError, LoraplexError
 
     try:
         return fn()
+    except APIConnectionError as e:
+        reason = e.message.partition(" (")[2].rstrip(")") or e.message
+        fail(f"cannot reach the loraplex server at {url} ({reason}): start it with `loraplex serve`, or point to "
+             "yours with --url URL or LORAPLEX_URL=URL")  # fmt: skip
+    except ConflictError as e:
+        fail(e.message.split(" (")[0] + (": pass --overwrite to replace it" if e.code == "adapter_exists" else ""))
+    except AuthenticationError as e:
+        fail(f"{e.message} (pass --api-key KEY or set LORAPLEX_API_KEY)")
     except LoraplexError as e:
-        typer.secho(f"error: {e.message}", fg="red", err=True)
-        raise typer.Exit(1) from None
-    except httpx.HTTPError as e:
-        typer.secho(f"error: cannot reach the server ({e.__class__.__name__}: {e})", fg="red", err=True)
-        raise typer.Exit(1) from None
+        fail(e.message)
 
 
-def _print_adapters(adapters) -> None:
+def call(url: str, api_key: str | None, fn):
+    """`fn(client)` against the server, as `run` reports failures."""
+    with client(url, api_key) as c:
+        return run(lambda: fn(c), url)
+
+
+def print_json(items) -> None:
+    data = [i.model_dump(mode="json") for i in items] if isinstance(items, list) else items.model_dump(mode="json")
+    typer.echo(json.dumps(data, indent=2))
+
+
+def print_adapters(adapters, as_json: bool = False) -> None:
+    if as_json:
+        return print_json(adapters)
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("name", "version", "rank", "alpha", "target modules", "size", "sha256")
+    table = Table("name", "version", "rank", "alpha", "target modules", "size", "owner", "sha256")
     for a in adapters:
         table.add_row(a.id, str(a.version), str(a.rank), str(a.alpha), ",".join(a.target_modules),
-                      f"{a.size_bytes / 2**20:.1f} MiB", (a.sha256 or "")[:12])
+                      f"{a.size_bytes / 2**20:.1f} MiB", a.owned_by or "", (a.sha256 or "")[:12])  # fmt: skip
     Console().print(table)
+
+
+def list_and_show(app: typer.Typer, noun: str, fetch_all, fetch_one, printer, metavar: str) -> None:
+    """`list` (a table, or JSON) and `show ID` (JSON) commands of `app`, for one kind of object."""
+
+    @app.command("list", help=f"List the {noun}s.")
+    def list_(url: Url = DEFAULT_URL, api_key: Key = None, as_json: Json = False) -> None:
+        printer(call(url, api_key, fetch_all), as_json)
+
+    @app.command("show", help=f"Show one {noun} as JSON.")
+    def show(id: str, url: Url = DEFAULT_URL, api_key: Key = None) -> None:
+        print_json(call(url, api_key, lambda c: fetch_one(c, id)))
+
+    show.__annotations__["id"] = Annotated[str, typer.Argument(metavar=metavar)]  # typer reads it when it runs
+
+
+def _upload(c, name: str, overwrite: bool, url: str, directory: Path | None = None, archive: Path | None = None):
+    kw = {"directory": directory} if directory is not None else {"archive": archive}
+    return run(lambda: c.upload_adapter(name, overwrite=overwrite, **kw), url)
+
+
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing adapter of that name.")]
 
 
 @adapters_app.command("upload")
 def adapters_upload(
     name: str,
     path: Annotated[Path, typer.Argument(help="A PEFT adapter directory, or a .zip / .tar.gz of one.")],
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing adapter of that name.")] = False,
-    url: Url = "http://127.0.0.1:8000",
+    overwrite: Overwrite = False,
+    url: Url = DEFAULT_URL,
     api_key: Key = None,
+    as_json: Json = False,
 ) -> None:
     """Upload an adapter; it is servable when this returns."""
-    with _client(url, api_key) as c:
-        kw = {"directory": path} if path.is_dir() else {"archive": path}
-        _print_adapters([_run(lambda: c.upload_adapter(name, overwrite=overwrite, **kw))])
+    from server.cli.sources import fetch
+
+    fetched = fetch(str(path), Path("."))  # a local path: nothing is fetched, only checked
+    with client(url, api_key) as c:
+        print_adapters([_upload(c, name, overwrite, url, fetched.directory, fetched.archive)], as_json)
 
 
-@adapters_app.command("list")
-def adapters_list(url: Url = "http://127.0.0.1:8000", api_key: Key = None) -> None:
-    """List the adapters."""
-    with _client(url, api_key) as c:
-        _print_adapters(_run(c.list_adapters))
+@adapters_app.command("pull")
+def adapters_pull(
+    name: str,
+    source: Annotated[str, typer.Argument(help="A folder, a .zip / .tar.gz, hf://ORG/REPO[/SUBFOLDER][@REVISION], or "
+                                               "an fsspec URL (s3://…, https://…) of a folder or archive.")],
+    overwrite: Overwrite = False,
+    url: Url = DEFAULT_URL,
+    api_key: Key = None,
+    as_json: Json = False,
+) -> None:
+    """Fetch an adapter from where it is kept (here, not on the server) and upload it."""
+    from server.cli.sources import fetch
 
-
-@adapters_app.command("show")
-def adapters_show(name: str, url: Url = "http://127.0.0.1:8000", api_key: Key = None) -> None:
-    """Show one adapter as JSON."""
-    with _client(url, api_key) as c:
-        typer.echo(_run(lambda: c.get_adapter(name)).model_dump_json(indent=2))
+    scratch = Path(tempfile.mkdtemp(prefix="loraplex-pull-"))
+    try:
+        fetched = fetch(source, scratch)
+        with client(url, api_key) as c:
+            print_adapters([_upload(c, name, overwrite, url, fetched.directory, fetched.archive)], as_json)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 @adapters_app.command("delete")
-def adapters_delete(name: str, url: Url = "http://127.0.0.1:8000", api_key: Key = None) -> None:
+def adapters_delete(name: str, url: Url = DEFAULT_URL, api_key: Key = None) -> None:
     """Delete an adapter (requests already running finish first)."""
-    with _client(url, api_key) as c:
-        _run(lambda: c.delete_adapter(name))
-        typer.echo(f"deleted {name}")
+    call(url, api_key, lambda c: c.delete_adapter(name))
+    typer.echo(f"deleted {name}")
 
 
 @adapters_app.command("download")
-def adapters_download(name: str, dest: Annotated[Path, typer.Argument(help="File or directory.")] = Path("."),
-                      url: Url = "http://127.0.0.1:8000", api_key: Key = None) -> None:
-    """Download an adapter's PEFT files as .tar.gz."""
-    with _client(url, api_key) as c:
-        typer.echo(str(_run(lambda: c.download_adapter(name, dest))))
-
-
-# --- training ------------------------------------------------------------------------------
-
-
-jobs_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Training jobs of a running server.")
-
-
-def _print_jobs(jobs) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table("id", "status", "adapter", "step", "loss", "trained tokens", "error")
-    for j in jobs:
-        m = j.metrics or {}
-        loss = m.get("train_loss")
-        error = j.error.message if hasattr(j.error, "message") else (j.error or "")
-        table.add_row(j.id, j.status, j.adapter_name, f"{m.get('step', 0)}/{m.get('total_steps', '?')}",
-                      "" if loss is None else f"{loss:.4f}", str(j.trained_tokens or 0), error)
-    Console().print(table)
-
-
-@jobs_app.command("create")
-def jobs_create(
-    train_file: Annotated[Path, typer.Argument(help="JSONL training file (uploaded first).")],
-    adapter_name: Annotated[str, typer.Option("--adapter-name", "-n", help="Name to serve the adapter under.")],
-    validation_file: Annotated[Path | None, typer.Option(help="JSONL validation file.")] = None,
-    method: Annotated[str, typer.Option(help="lora or switchlora.")] = "lora",
-    hyperparameter: Annotated[list[str] | None, typer.Option("--set", help="KEY=VALUE hyperparameter (JSON value), repeatable.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed.")] = None,
-    wait: Annotated[bool, typer.Option(help="Wait for the job with a progress bar.")] = False,
-    url: Url = "http://127.0.0.1:8000",
+def adapters_download(
+    name: str,
+    dest: Annotated[Path, typer.Argument(help="A folder (created, or NAME/ inside an existing one), or a file "
+                                             "NAME.tar.gz for the archive.")] = Path("."),  # fmt: skip
+    extract: Annotated[bool | None, typer.Option("--extract/--archive", help="Write the folder / the .tar.gz whatever "
+                                                 "DEST's name says.", show_default=False)] = None,  # fmt: skip
+    url: Url = DEFAULT_URL,
     api_key: Key = None,
 ) -> None:
-    """Upload the file(s) and start a job."""
-    import json
-
-    hp = {}
-    for item in hyperparameter or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise typer.BadParameter(f"--set expects KEY=VALUE, got {item!r}")
-        try:
-            hp[key] = json.loads(value)
-        except json.JSONDecodeError:
-            hp[key] = value
-    with _client(url, api_key) as c:
-        train_id = _run(lambda: c.upload_file(train_file)).id
-        val_id = _run(lambda: c.upload_file(validation_file)).id if validation_file else None
-        job = _run(lambda: c.create_job(train_id, adapter_name, {"type": method, "hyperparameters": hp}, val_id, seed))
-        typer.echo(job.id)
-        if wait:
-            _follow_job(c, job.id)
+    """Download an adapter's PEFT files: the folder, or a .tar.gz when DEST ends in .tar.gz."""
+    typer.echo(str(call(url, api_key, lambda c: c.download_adapter(name, dest, extract))))
 
 
-def _follow_job(c, job_id: str) -> None:
-    from rich.progress import BarColumn, Progress, TextColumn
-
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TextColumn("{task.fields[status]}")) as progress:
-        task = progress.add_task(job_id, total=None, status="queued")
-
-        def follow() -> None:
-            for e in c.stream_job_events(job_id):
-                d = e.data or {}
-                if "loss" in d:
-                    progress.update(task, completed=d["step"], total=d["total_steps"], status=f"loss {d['loss']:.4f}")
-                else:
-                    progress.console.print(e.message)
-
-        _run(follow)
-    job = _run(lambda: c.get_job(job_id))
-    if job.status != "succeeded":
-        raise typer.Exit(1)
-
-
-@jobs_app.command("list")
-def jobs_list(url: Url = "http://127.0.0.1:8000", api_key: Key = None) -> None:
-    """List the jobs."""
-    with _client(url, api_key) as c:
-        _print_jobs(_run(c.list_jobs))
-
-
-@jobs_app.command("show")
-def jobs_show(job_id: str, url: Url = "http://127.0.0.1:8000", api_key: Key = None) -> None:
-    """Show one job as JSON."""
-    with _client(url, api_key) as c:
-        typer.echo(_run(lambda: c.get_job(job_id)).model_dump_json(indent=2))
-
-
-@jobs_app.command("cancel")
-def jobs_cancel(job_id: str, url: Url = "http://127.0.0.1:8000", api_key: Key = None) -> None:
-    """Cancel a queued or running job."""
-    with _client(url, api_key) as c:
-        _print_jobs([_run(lambda: c.cancel_job(job_id))])
-
-
-@jobs_app.command("events")
-def jobs_events(job_id: str, follow: Annotated[bool, typer.Option("--follow", "-f", help="Follow until the job ends.")] = False,
-                url: Url = "http://127.0.0.1:8000", api_key: Key = None) -> None:
-    """Print a job's events (loss curve included)."""
-    with _client(url, api_key) as c:
-
-        def show() -> None:
-            for e in c.stream_job_events(job_id) if follow else c.job_events(job_id):
-                typer.echo(e.message)
-
-        _run(show)
+list_and_show(adapters_app, "adapter", lambda c: c.list_adapters(), lambda c, name: c.get_adapter(name), print_adapters,
+              "NAME")  # fmt: skip

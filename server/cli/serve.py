@@ -3,20 +3,16 @@
 
 from __future__ import annotations
 
-import logging
-from typing import Annotated
-
 import typer
 
 from server.cli.options import build, given, options_of, with_options
+from server.logs import configure_logging
 from server.settings import Settings
 
 
-def serve(
-    log_level: Annotated[str, typer.Option(help="Logging level: debug, info, warning or error.")] = "info", **options
-) -> None:
+def serve(**options) -> None:
     settings = build(Settings, **given(options, Settings))
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log_config = configure_logging(settings.log_level, settings.log_format)
     if settings.clustered:  # through Ray Serve: only this path imports ray
         try:
             from server.ray.app import run
@@ -35,9 +31,14 @@ def serve(
 
     app = create_app(settings)
     # SIGTERM drains first (server.http.drain); uvicorn's own graceful shutdown then has nothing left to wait for
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level,
-                            timeout_graceful_shutdown=int(GRACE))  # fmt: skip
-    DrainingServer(config, app.state.loraplex, settings.drain_timeout).run()
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            log_config=log_config, timeout_graceful_shutdown=int(GRACE))  # fmt: skip
+    state = app.state.loraplex
+    server = DrainingServer(config, state, settings.drain_timeout)
+    state.on_load_failure = lambda: setattr(server, "should_exit", True)
+    server.run()
+    if state.load_error:  # start-up failed: said in one log line; the process says so with its exit status
+        raise typer.Exit(1)
 
 
 with_options(serve, options_of(Settings, env_prefix=Settings.model_config["env_prefix"]))

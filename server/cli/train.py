@@ -1,4 +1,6 @@
-"""Train an adapter offline (no server), with a progress bar; the options are a job's hyperparameters."""
+"""Train an adapter offline (no server), with a progress bar; the options are a job's hyperparameters. The base model
+and its converted copy are the server's (`--model` / `LORAPLEX_MODEL`, `--data-dir` / `LORAPLEX_DATA_DIR`,
+`--cache-dir` / `LORAPLEX_CACHE_DIR`), so `loraplex train` next to `loraplex serve` converts nothing twice."""
 
 from __future__ import annotations
 
@@ -15,7 +17,10 @@ def train(
     train_file: Annotated[Path, typer.Argument(help="JSONL: {prompt, completion} or {messages} per line.")],
     out: Annotated[Path, typer.Option("--out", help="Directory to write the PEFT adapter to.")],
     threads: Annotated[int | None, typer.Option(help="Torch threads.")] = None,
-    data_dir: Annotated[Path, typer.Option(help="Where the default model's converted copy is cached.")] = Path(".loraplex"),
+    data_dir: Annotated[Path | None, typer.Option(envvar="LORAPLEX_DATA_DIR", help="The server's data directory: the "
+                                                  "default model's converted copy is cached under it.")] = None,
+    cache_dir: Annotated[Path | None, typer.Option(envvar="LORAPLEX_CACHE_DIR", help="Where the converted default "
+                                                   "model is kept (default: <data-dir>/cache).")] = None,
     **options,
 ) -> None:
     import torch
@@ -24,12 +29,17 @@ def train(
     from adapters.training.data import DataError
     from adapters.training.trainer import train as run_training
     from server.engine.model import DEFAULT_MODEL_ID, prepare_default_model
+    from server.settings import Settings
 
+    if not train_file.is_file():
+        raise FileNotFoundError(2, "no such file", str(train_file))
     if threads:
         torch.set_num_threads(threads)
     fields = given(options, TrainConfig)
+    server = Settings(**{k: v for k, v in (("data_dir", data_dir), ("cache_dir", cache_dir)) if v is not None})
+    fields.setdefault("model", server.model)  # LORAPLEX_MODEL, as the server reads it
     if fields.get("model") in (None, DEFAULT_MODEL_ID):
-        fields["model"] = str(prepare_default_model(data_dir / "cache"))
+        fields["model"] = str(prepare_default_model(server.model_cache_dir))
     cfg = build(TrainConfig, train_file=train_file, out_dir=out, **fields)
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
                TextColumn("{task.fields[status]}"), TimeRemainingColumn())

@@ -12,6 +12,8 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import shutil
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,14 +73,16 @@ def find_default_gguf() -> Path:
     raise RuntimeError(f"no .gguf file found in the '{DEFAULT_MODEL_DIST}' distribution")
 
 
-def prepare_default_model(cache_dir: Path) -> Path:
-    """Return a safetensors copy of the default model, converting the GGUF once if needed."""
+def prepare_default_model(cache_dir: Path, on_phase: Callable[[str], None] = lambda phase: None) -> Path:
+    """Return a safetensors copy of the default model, converting the GGUF once if needed (`on_phase("converting")`
+    first)."""
     target = cache_dir / "models" / DEFAULT_MODEL_ID
     if (target / "config.json").exists() and any(target.glob("*.safetensors")):
         return target
     gguf = find_default_gguf()
-    log.warning("converting %s to safetensors in %s (once, ~20 s)...", gguf.name, target)
-    print(f"loraplex: converting the default model {gguf.name} to safetensors (once, ~20 s)...", flush=True)
+    on_phase("converting")
+    started = time.monotonic()
+    log.info("converting the default model %s to safetensors in %s (once, ~20 s)", gguf.name, target)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # GGUF loading records the quantization it came from; the weights are now dense, and
@@ -92,7 +96,7 @@ def prepare_default_model(cache_dir: Path) -> Path:
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
-    print("loraplex: conversion done.", flush=True)
+    log.info("converted %s in %.0f s", gguf.name, time.monotonic() - started)
     return target
 
 
@@ -103,13 +107,20 @@ def load_base_model(
     device: str = "auto",
     dtype: str = "auto",
     max_model_len: int | None = None,
+    on_phase: Callable[[str], None] = lambda phase: None,
 ) -> BaseModel:
     """Load the base model frozen and in eval mode, straight onto its device; `model=None` means the embedded
-    default; `dtype` "auto" as `pick_dtype`."""
+    default; `dtype` "auto" as `pick_dtype`. `on_phase` hears "converting" (the default model's first start) and
+    "loading"; a model that cannot be found raises ValueError saying what was tried."""
     if model is None or model == DEFAULT_MODEL_ID:
-        path, model_id = str(prepare_default_model(cache_dir)), DEFAULT_MODEL_ID
+        path, model_id = str(prepare_default_model(cache_dir, on_phase)), DEFAULT_MODEL_ID
     else:
         path, model_id = model, Path(model).name if Path(model).exists() else model
+        if not Path(model).exists() and (model.startswith((".", "/", "~")) or model.count("/") > 1):
+            raise ValueError(f"model {model!r}: no such directory (give an HF model directory or a hub id)")
+    on_phase("loading")
+    started = time.monotonic()
+    log.info("loading %s from %s", model_id, path)
     dev = pick_device(device)
     hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(pick_dtype(dtype, dev)), device_map=dev)
     hf_model.requires_grad_(False)
@@ -117,4 +128,6 @@ def load_base_model(
     tokenizer = AutoTokenizer.from_pretrained(path)
     context = getattr(hf_model.config, "max_position_embeddings", None) or getattr(hf_model.config, "n_positions", 2048)
     limit = min(context, max_model_len) if max_model_len else context
+    log.info("loaded %s (%.0fM parameters, %s on %s) in %.1f s", model_id,
+             sum(p.numel() for p in hf_model.parameters()) / 1e6, hf_model.dtype, dev, time.monotonic() - started)
     return BaseModel(model=hf_model, tokenizer=tokenizer, model_id=model_id, max_model_len=limit, path=path)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 
@@ -44,11 +45,18 @@ log = logging.getLogger(__name__)
 
 
 def start_engine(state: AppState) -> None:
-    """Load the model, build and warm the engine, the catalog and the OpenAI layer (runs in a thread)."""
-    s = state.settings
+    """Load the model, build and warm the engine, the catalog and the OpenAI layer (runs in a thread). Each phase
+    (converting, loading, compiling with its progress, ready) is a log line and `/health/ready`'s `phase`; a failure
+    is one log line saying why (the traceback at debug level), and `state.on_load_failure()` is called."""
+    s, started = state.settings, time.monotonic()
+
+    def enter(phase: str) -> None:
+        state.phase = phase
+        log.info("start-up: %s (%.0f s)", phase, time.monotonic() - started)
+
     try:
         state.base = base = load_base_model(s.model, cache_dir=s.model_cache_dir, device=s.device, dtype=s.dtype,
-                                            max_model_len=s.max_model_len)  # fmt: skip
+                                            max_model_len=s.max_model_len, on_phase=enter)  # fmt: skip
         state.engine = engine = Engine(base, s.section(EngineConfig))
         prepare = engine.pool.prepare  # the host tier keeps adapters as the device pool copies them
         state.registry = AdapterRegistry(host_bytes=s.host_adapter_bytes, loader=lambda path: prepare(
@@ -59,37 +67,69 @@ def start_engine(state: AppState) -> None:
         catalog.register_stored()
         if s.adapter_dir:
             catalog.register_directory(s.adapter_dir)
+        log.info("adapters: %d registered, %d skipped", len(state.registry), len(catalog.skipped))
+        compile_log = CompileLog(time.monotonic())
         if s.lora_backend == "compiled" and s.compile_in_background:
-            engine.warmup_in_background()  # ready now, eagerly; compiled once the engine has been idle long enough
+            engine.warmup_in_background(compile_log)  # ready now, eagerly; compiled once the engine has been idle
+        elif s.lora_backend == "compiled":
+            enter("compiling")
+            engine.warmup(compile_log)
         else:
             engine.warmup()
         engine.start()
+        _bind_metrics(state, engine)
         m = state.metrics
         state.async_engine = AsyncEngine(engine, s.max_waiting, m.ttft.observe, m.itl.observe)
         state.serving = OpenAIServing(base, LocalEngine(state.async_engine), catalog, engine.max_len, m)
         state.catalog = catalog
-        pool = engine.pool
-        m.bind(
-            waiting=lambda: engine.num_waiting,
-            running=lambda: engine.num_running,
-            adapters_registered=lambda: len(state.registry),
-            adapters_resident=pool.resident_count,
-            adapter_loads=lambda: pool.loads,
-            adapter_evictions=lambda: pool.evictions,
-            kv_cache_rows=lambda: engine.config.max_num_seqs,
-            lora_pool_pages=lambda: engine.config.lora_pages,
-        )
-        if (prefix := engine.prefix) is not None:
-            m.bind(prefix_queried=lambda: prefix.queried_tokens, prefix_hits=lambda: prefix.hit_tokens,
-                   prefix_blocks=lambda: len(prefix))  # fmt: skip
-        if merger := engine.merger:
-            m.bind(merged=lambda: merger.merged is not None, merges=lambda: merger.merges,
-                   unmerges=lambda: merger.unmerges)  # fmt: skip
         state.ready = True
-        log.info("ready: %s on %s", base.model_id, base.device)
+        state.phase = "ready"
+        log.info("ready in %.0f s: %s on %s, http://%s:%d%s", time.monotonic() - started, base.model_id, base.device,
+                 s.host, s.port, " (compiling in the background, serving eagerly meanwhile)" if engine.compiling else "")
     except Exception as e:  # reported by /health/ready and every request
-        log.exception("model loading failed")
-        state.load_error = f"{e.__class__.__name__}: {e}"
+        state.load_error = " ".join(f"{e.__class__.__name__}: {e}".split())[:500]
+        log.error("start-up failed while %s: %s", state.phase, state.load_error)
+        state.phase = "failed"
+        log.debug("start-up failure", exc_info=True)
+        if state.on_load_failure is not None:
+            state.on_load_failure()
+
+
+class CompileLog:
+    """The compile phase's progress callback: a log line per compiled graph (they take seconds to minutes each on a
+    CPU), the last one with the total time."""
+
+    def __init__(self, started: float):
+        self.started, self.last = started, -1
+
+    def __call__(self, done: int, total: int) -> None:
+        if done == self.last:
+            return
+        self.last = done
+        took = time.monotonic() - self.started
+        if done >= total:
+            log.info("compiled %d/%d graphs in %.0f s: serving compiled", done, total, took)
+        else:
+            log.info("compiling: %d/%d graphs (%.0f s)", done, total, took)
+
+
+def _bind_metrics(state: AppState, engine: Engine) -> None:
+    """The engine's gauges and totals, read at scrape time."""
+    m, pool, rows = state.metrics, engine.pool, engine.config.max_num_seqs
+    m.bind(waiting=lambda: engine.num_waiting, running=lambda: engine.num_running,
+           adapters_registered=lambda: len(state.registry), adapters_resident=pool.resident_count,
+           kv_cache_rows=lambda: rows, kv_cache_usage=lambda: engine.num_running / rows,
+           lora_pool_pages=lambda: engine.config.lora_pages,
+           lora_pool_usage=lambda: pool.used_pages() / engine.config.lora_pages)  # fmt: skip
+    m.bind_totals(adapter_loads=lambda: pool.loads, adapter_evictions=lambda: pool.evictions)
+    if (prefix := engine.prefix) is not None:
+        m.bind(prefix_blocks=lambda: len(prefix))
+        m.bind_totals(prefix_cache_queried_tokens=lambda: prefix.queried_tokens,
+                      prefix_cache_hit_tokens=lambda: prefix.hit_tokens)  # fmt: skip
+    if merger := engine.merger:
+        m.bind(merged=lambda: merger.merged is not None)
+        m.bind_totals(adapter_merges=lambda: merger.merges, adapter_unmerges=lambda: merger.unmerges)
+        m.live.merged_adapter = lambda: merger.merged.name if merger.merged is not None else None
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -115,7 +155,7 @@ def build_app(settings: Settings, start: Callable[[AppState], None], store: Adap
         job_service=job_service,
         api_keys=load_api_keys(settings.api_keys_file),
     )
-    state.metrics.bind_jobs(jobs_db.count_by_status)
+    state.metrics.bind_jobs(jobs_db.count_by_status, lambda: jobs_db.list_jobs("running"))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

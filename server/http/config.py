@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, FilePath
 
 Access = Literal["open", "key", "admin"]
 LOOPBACK_HOSTS = ["127.0.0.1", "localhost", "::1"]
@@ -18,7 +17,7 @@ class HttpConfig(BaseModel):
     """Address to listen on."""
     port: int = Field(8000, ge=0, le=65535)
     """Port to listen on."""
-    api_keys_file: Path | None = None
+    api_keys_file: FilePath | None = None
     """Lines `KEY [scope,scope] [tenant=NAME] [rpm=N] [tpm=N] [concurrent=N]` (scopes: inference, train, admin; default
     all); unset means no auth."""
     metrics_access: Access = "key"

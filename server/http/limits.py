@@ -80,10 +80,10 @@ class RateLimits:
 
     def _hit(self, key: ApiKey, kind: str, per_minute: int, cost: int) -> dict[str, str]:
         item = RateLimitItemPerMinute(per_minute)
-        if cost > per_minute:
+        if cost > per_minute:  # no Retry-After: waiting cannot make it fit
             raise APIError(429, f"Request too large: {cost} {kind} requested, over this key's limit of {per_minute} "
-                           f"{kind} per minute.", code="rate_limit_exceeded",
-                           headers=self._headers(key, kind, per_minute) | {"Retry-After": "60"})  # fmt: skip
+                           f"{kind} per minute. Ask for fewer (max_tokens, n).", code="rate_limit_exceeded",
+                           headers=self._headers(key, kind, per_minute))  # fmt: skip
         if not self._window.hit(item, kind, key.id, cost=cost):
             headers = self._headers(key, kind, per_minute)
             wait = max(1, math.ceil(self._window.get_window_stats(item, kind, key.id).reset_time - time.time()))
@@ -97,11 +97,14 @@ class RateLimits:
         return self._hit(key, "requests", rpm, 1) if rpm else {}
 
     @contextmanager
-    def admit(self, key: ApiKey, tokens: int) -> Iterator[None]:
+    def admit(self, key: ApiKey, tokens: int, headers: dict[str, str] | None = None) -> Iterator[None]:
         """Count `tokens` (prompt plus requested completion tokens) against `key`'s tokens per minute and hold one of
-        its concurrent requests while the block runs (429 over either)."""
+        its concurrent requests while the block runs (429 over either); `headers` receives the token headers the
+        answer carries (OpenAI sends them on every answer, with the request ones)."""
         if key.limits.tokens_per_minute:
-            self._hit(key, "tokens", key.limits.tokens_per_minute, tokens)
+            found = self._hit(key, "tokens", key.limits.tokens_per_minute, tokens)
+            if headers is not None:
+                headers.update(found)
         most = key.limits.max_concurrent
         if most is not None and self._running[key.id] >= most:
             raise APIError(429, f"Too many concurrent requests: this key may run {most} at once.",

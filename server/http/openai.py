@@ -151,14 +151,23 @@ class OpenAIServing:
         self._check(req)
         params = [self._params(req, len(p), max_tokens, logprobs, j) for p in prompts for j in range(req.n)]
         cost = sum(len(p) for p in prompts) * req.n + sum(sp.max_tokens for sp in params)
+        arrived = time.monotonic()
         with admit(cost) if admit else nullcontext():
-            label = self.metrics.adapter_label(req.model if uses else "base")
+            label = self.metrics.adapter_label(self.traffic_label(req))
             self.metrics.adapter_requests.labels(label).inc()
-            async for item in self._outputs([prompts[i // req.n] for i in range(len(params))], params, uses):
+            async for item in self._outputs([prompts[i // req.n] for i in range(len(params))], params, uses, label):
                 yield item
+            self.metrics.e2e.observe(time.monotonic() - arrived)
 
-    async def _outputs(self, prompts: list[list[int]], params: list[SamplingParams], uses: list[AdapterUse]
-                       ) -> AsyncIterator[tuple[int, RequestOutput]]:  # fmt: skip
+    def traffic_label(self, req: CompletionRequest | ChatCompletionRequest) -> str:
+        """The `adapter` label of a request's series: its adapter, the composed adapters joined by "+", or the base
+        model's id (which no adapter may take) for none."""
+        if req.model != self.base.model_id:
+            return req.model
+        return "+".join(sorted({a.name for a in req.adapters})) if req.adapters else self.base.model_id
+
+    async def _outputs(self, prompts: list[list[int]], params: list[SamplingParams], uses: list[AdapterUse],
+                       label: str) -> AsyncIterator[tuple[int, RequestOutput]]:  # fmt: skip
         """The engine client's outputs for choices i (prompts[i], params[i]), through a queue that `shutdown` can
         end at once (a 503) whatever the engine is doing; closing it aborts every choice still running."""
         queue: asyncio.Queue = asyncio.Queue()
@@ -183,6 +192,7 @@ class OpenAIServing:
                     raise out
                 if out.finish_reason is not None:
                     self.metrics.generation_tokens.inc(out.completion_tokens)
+                    self.metrics.adapter_tokens.labels(label).inc(out.completion_tokens)
                     self.metrics.prompt_tokens.inc(out.prompt_tokens)
                 yield i, out
         except Overloaded as e:

@@ -145,32 +145,69 @@ PositiveInt = Annotated[int, Field(ge=1)]
 
 class JobHyperparameters(Hyperparameters):
     """The trainer's hyperparameters (one set of fields and defaults: adapters.training.config), with OpenAI's
-    "auto" for the three it names; unknown keys are refused (a typo must not train with a default)."""
+    "auto" for the three it names and its `learning_rate_multiplier` (of the default learning rate); unknown keys are
+    refused (a typo must not train with a default)."""
 
-    n_epochs: PositiveInt | Literal["auto"] = Hyperparameters.model_fields["n_epochs"].default
+    n_epochs: PositiveInt | Literal["auto"] | None = Hyperparameters.model_fields["n_epochs"].default
     batch_size: PositiveInt | Literal["auto"] = Hyperparameters.model_fields["batch_size"].default
     learning_rate: Annotated[float, Field(gt=0, le=10)] | Literal["auto"] = Hyperparameters.model_fields[
         "learning_rate"
     ].default
+    learning_rate_multiplier: Annotated[float, Field(gt=0, le=100)] | Literal["auto"] | None = None
+    """OpenAI's alternative to learning_rate: a multiple of the default learning rate."""
 
     def resolved(self) -> Hyperparameters:
-        """The trainer's hyperparameters, "auto" taking the default."""
-        return Hyperparameters(**{k: v for k, v in self.model_dump().items() if v != "auto"})
+        """The trainer's hyperparameters, "auto" taking the default (ValueError for two learning rates)."""
+        values = {k: v for k, v in self.model_dump(exclude_unset=True).items() if v != "auto"}
+        multiplier = values.pop("learning_rate_multiplier", None)
+        if multiplier is not None:
+            if "learning_rate" in values:
+                raise ValueError("give learning_rate or learning_rate_multiplier, not both")
+            values["learning_rate"] = Hyperparameters.model_fields["learning_rate"].default * multiplier
+        return Hyperparameters(**values)
+
+
+class Supervised(BaseModel):
+    """OpenAI's `method.supervised` (= LoRA here): its hyperparameters."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    hyperparameters: JobHyperparameters | None = None
 
 
 class Method(BaseModel):
+    """`{"type": "supervised" | "lora" | "switchlora", "hyperparameters"?: {...}, "supervised"?: {...}}`: OpenAI's
+    shape (supervised = LoRA, its hyperparameters under `supervised`) or ours (under `hyperparameters`)."""
+
     model_config = ConfigDict(extra="forbid")
 
-    type: Literal["lora", "switchlora"] = "lora"
-    hyperparameters: JobHyperparameters = Field(default_factory=JobHyperparameters)
+    type: Literal["supervised", "lora", "switchlora"] = "lora"
+    hyperparameters: JobHyperparameters | None = None
+    supervised: Supervised | None = None
 
 
 class JobCreateRequest(_Request):
     training_file: Text
-    adapter_name: Text
+    adapter_name: Text | None = None  # extension; OpenAI's `suffix` names the adapter too (one of the two)
+    suffix: Text | None = Field(None, max_length=64)
     validation_file: Text | None = None
     model: Text | None = None  # OpenAI requires it; here it may name the base model (or be left out)
     method: Method = Field(default_factory=Method)
+    hyperparameters: JobHyperparameters | None = None  # OpenAI's deprecated place for them
     seed: int | None = Field(None, ge=-(2**63), lt=2**63)
     max_seconds: float | None = Field(None, gt=0)  # extension: wall-clock budget (default: the server's limit)
     overwrite: bool = False  # extension: replace an adapter of that name when the job succeeds
+
+    def resolved_hyperparameters(self) -> Hyperparameters:
+        """The trainer's hyperparameters from wherever the request put them (`method.hyperparameters`,
+        `method.supervised.hyperparameters`, or the legacy top level: learning_rate_multiplier scales the default
+        learning rate); ValueError if it put them in two places."""
+        given = [h for h in (self.method.hyperparameters, self.method.supervised and self.method.supervised.hyperparameters) if h]
+        if self.method.supervised and self.method.type != "supervised":
+            raise ValueError("method.supervised is for method.type 'supervised'")
+        if len(given) + (self.hyperparameters is not None) > 1:
+            raise ValueError("give the hyperparameters once: method.hyperparameters, method.supervised.hyperparameters "
+                             "or hyperparameters")
+        if self.hyperparameters is not None:
+            given.append(self.hyperparameters)
+        return (given[0] if given else JobHyperparameters()).resolved()

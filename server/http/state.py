@@ -7,6 +7,7 @@ the model is loaded and while draining); the API key and its scopes are `server.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Annotated
 
@@ -40,7 +41,10 @@ class AppState:
     metrics: Metrics = field(default_factory=Metrics)
     rate_limits: RateLimits = field(default_factory=RateLimits)
     phase: str = "loading"
-    """What start-up is doing while not ready (`/health/ready`): loading, then ready or failed."""
+    """What start-up is doing (`/health/ready`): converting (the default model, once), loading, compiling (unless in
+    the background), then ready or failed."""
+    on_load_failure: Callable[[], None] | None = None
+    """Called when start-up fails (`loraplex serve`: stop the server, exit non-zero)."""
     skipped: dict[str, str] = field(default_factory=dict)
     """Adapters not registered at start-up: {name: why} (a corrupt stored adapter, an invalid directory)."""
     # filled in once the model is loaded

@@ -10,6 +10,7 @@ all); a job trains only on its tenant's files, and its adapter is its tenant's.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -22,15 +23,16 @@ from typing import BinaryIO, TypeVar
 from adapters.names import name_problem
 from adapters.peft_io import AdapterError
 from adapters.tiers.registry import AdapterExists
-from adapters.training.config import Hyperparameters, Method, count_steps, method_problems
+from adapters.training.config import Hyperparameters, auto_epochs, count_steps, method_problems
 from adapters.training.data import DataError, read_jsonl
 from server.catalog import AdapterCatalog, AdapterNotOwned
 from server.jobs.config import JobsConfig
-from server.jobs.store import TERMINAL, FileRecord, IllegalTransition, JobRecord, JobStore, new_id
+from server.jobs.store import TERMINAL, TRAINER_METHOD, FileRecord, IllegalTransition, JobRecord, JobStore, new_id
 from server.jobs.supervisor import JobSupervisor, ProcessLauncher
 from server.tenants import OPERATOR, Tenant
 
 R = TypeVar("R")
+log = logging.getLogger(__name__)
 
 
 class JobRefused(ValueError):
@@ -68,8 +70,10 @@ class JobRequest:
     """A job as the API asks for one (OpenAI's fields, our extensions)."""
 
     training_file: str
-    adapter_name: str
-    method: Method = "lora"
+    adapter_name: str | None = None
+    """None: a name is made up (`ft-` and 12 hex digits), as OpenAI names a model when no suffix is given."""
+    method: str = "lora"
+    """lora, switchlora, or OpenAI's supervised (= lora)."""
     hyperparameters: Hyperparameters | None = None
     validation_file: str | None = None
     model: str | None = None
@@ -77,6 +81,7 @@ class JobRequest:
     seed: int | None = None
     max_seconds: float | None = None
     overwrite: bool = False
+    suffix: str | None = None
 
 
 class JobService:
@@ -145,7 +150,10 @@ class JobService:
         if req.model is not None and req.model != catalog.base_model_id:
             raise NotFound("model", req.model)
         hp = req.hyperparameters or Hyperparameters()
-        problems = [p for p in [name_problem(req.adapter_name, "adapter_name")] if p]
+        if req.adapter_name is None:
+            req.adapter_name = new_id("ft")[:15]
+        param = "suffix" if req.suffix == req.adapter_name else "adapter_name"
+        problems = [p for p in [name_problem(req.adapter_name, param)] if p]
         files = {}
         for param in ("training_file", "validation_file"):
             file_id = getattr(req, param)
@@ -162,12 +170,14 @@ class JobService:
         unknown = sorted(set(hp.target_modules or []) - known)
         if unknown:
             problems.append(f"target_modules {unknown} are not linear layers of this model (it has {sorted(known)})")
-        problems += method_problems(req.method, hp)
+        problems += method_problems(TRAINER_METHOD.get(req.method, req.method), hp)
         max_seconds = req.max_seconds or limits.max_job_seconds
         if max_seconds > limits.max_job_seconds:
             problems.append(f"max_seconds {max_seconds:g} is over this server's limit of {limits.max_job_seconds:g}")
         total_steps = 0
         if files.get("training_file"):
+            if hp.n_epochs is None:  # auto: the job shows what it chose
+                hp = hp.model_copy(update={"n_epochs": auto_epochs(files["training_file"].examples)})
             total_steps = count_steps(hp, files["training_file"].examples)
             if total_steps > limits.max_train_steps:
                 problems.append(f"this job would take {total_steps} optimizer steps, over this server's limit of "
@@ -187,7 +197,10 @@ class JobService:
         seed = req.seed if req.seed is not None else int.from_bytes(os.urandom(4), "little") >> 1
         job = self.store.add_job(adapter_name=req.adapter_name, method=method, training_file=req.training_file,
                                  validation_file=req.validation_file, seed=seed, total_steps=total_steps,
-                                 max_seconds=max_seconds, owner=tenant.id)  # fmt: skip
+                                 max_seconds=max_seconds, owner=tenant.id, model=catalog.base_model_id,
+                                 suffix=req.suffix)  # fmt: skip
+        log.info("job %s created: %s adapter %s, %d steps, tenant %s", job.id, req.method, job.adapter_name,
+                 total_steps, tenant.id or "system")  # fmt: skip
         self.supervisor.notify()
         return job
 

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from adapters.training.config import method_hyperparameters
+
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
 TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
 # new status → the statuses it may be reached from (running → queued: paused by a shutdown, to resume)
@@ -52,7 +54,8 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE INDEX IF NOT EXISTS events_job ON events (job_id, seq);
 """
 # columns added since the first schema: (table, column, declaration); added to older databases at start-up
-_MIGRATIONS = [("files", "owner", "TEXT"), ("jobs", "owner", "TEXT")]
+_MIGRATIONS = [("files", "owner", "TEXT"), ("jobs", "owner", "TEXT"), ("jobs", "model", "TEXT"), ("jobs", "suffix", "TEXT")]
+TRAINER_METHOD = {"supervised": "lora"}  # OpenAI's method.type → the trainer's method (others: the same name)
 
 
 class IllegalTransition(RuntimeError):
@@ -98,16 +101,35 @@ class JobRecord:
     cancel_requested: bool
     seconds_used: float
     owner: str | None = None
+    model: str | None = None
+    """The base model's id."""
+    suffix: str | None = None
+
+    @property
+    def trainer_method(self) -> str:
+        kind = self.method.get("type", "lora")
+        return TRAINER_METHOD.get(kind, kind)
 
     def to_api(self) -> dict:
+        """OpenAI's fine_tuning.job object (and our extensions: adapter_name, metrics, seconds_used)."""
+        kind = self.method.get("type", "lora")
+        hp = method_hyperparameters(self.trainer_method, self.method.get("hyperparameters", {}))
+        m = {"total_steps": self.total_steps} | (self.metrics or {})
+        finish = None
+        if self.status == RUNNING and m.get("step") and m.get("total_steps"):
+            per_step = self.seconds_used / m["step"]
+            finish = int(time.time() + per_step * (m["total_steps"] - m["step"]))
         return {
-            "id": self.id, "object": "fine_tuning.job", "status": self.status, "adapter_name": self.adapter_name,
+            "id": self.id, "object": "fine_tuning.job", "status": self.status, "model": self.model,
+            "adapter_name": self.adapter_name, "suffix": self.suffix,
             "fine_tuned_model": self.adapter_name if self.status == SUCCEEDED else None,
-            "model": None, "training_file": self.training_file, "validation_file": self.validation_file,
-            "method": self.method, "hyperparameters": self.method.get("hyperparameters", {}), "seed": self.seed,
-            "created_at": self.created_at, "started_at": self.started_at, "finished_at": self.finished_at,
-            "trained_tokens": self.trained_tokens, "error": self.error, "metrics": self.metrics or {},
-        }
+            "training_file": self.training_file, "validation_file": self.validation_file,
+            "method": {"type": kind, kind: {"hyperparameters": hp}, "hyperparameters": hp}, "hyperparameters": hp,
+            "seed": self.seed, "created_at": self.created_at, "started_at": self.started_at,
+            "finished_at": self.finished_at, "estimated_finish": finish, "trained_tokens": self.trained_tokens,
+            "error": self.error, "metrics": m, "seconds_used": round(self.seconds_used, 1), "result_files": [],
+            "organization_id": self.owner or "system", "integrations": [],
+        }  # fmt: skip
 
 
 @dataclass
@@ -123,6 +145,12 @@ class EventRecord:
         return {"id": f"ftevent-{self.seq}", "object": "fine_tuning.job.event", "created_at": self.created_at,
                 "level": self.level, "message": self.message, "data": self.data,
                 "type": "metrics" if self.data and "step" in self.data else "message"}
+
+    def to_checkpoint(self, job: JobRecord) -> dict:
+        """OpenAI's fine_tuning.job.checkpoint object, for an event whose data marks a checkpoint."""
+        return {"id": f"ftckpt-{self.seq}", "object": "fine_tuning.job.checkpoint", "created_at": self.created_at,
+                "fine_tuning_job_id": job.id, "step_number": self.data["step"], "metrics": self.data.get("metrics", {}),
+                "fine_tuned_model_checkpoint": self.data.get("fine_tuned_model_checkpoint")}  # fmt: skip
 
 
 def new_id(prefix: str) -> str:
@@ -188,13 +216,14 @@ class JobStore:
     # --- jobs --------------------------------------------------------------------------
 
     def add_job(self, *, adapter_name: str, method: dict, training_file: str, validation_file: str | None, seed: int,
-                total_steps: int, max_seconds: float, owner: str | None = None) -> JobRecord:
+                total_steps: int, max_seconds: float, owner: str | None = None, model: str | None = None,
+                suffix: str | None = None) -> JobRecord:  # fmt: skip
         job_id, now = new_id("ftjob"), int(time.time())
         self._execute(
             "INSERT INTO jobs (id, adapter_name, status, method, training_file, validation_file, seed, total_steps,"
-            " max_seconds, created_at, owner) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " max_seconds, created_at, owner, model, suffix) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (job_id, adapter_name, QUEUED, json.dumps(method), training_file, validation_file, seed, total_steps,
-             max_seconds, now, owner))
+             max_seconds, now, owner, model, suffix))
         self.add_event(job_id, "info", f"Created fine-tuning job {job_id}")
         return self.get_job(job_id)
 
@@ -246,6 +275,12 @@ class JobStore:
         if limit is not None:
             sql, args = sql + " LIMIT ?", (*args, limit)
         return [EventRecord(**(dict(r) | {"data": _loads(r["data"])})) for r in self._query(sql, args)]
+
+    def checkpoints(self, job_id: str) -> list[EventRecord]:
+        """The job's checkpoint events (data {"checkpoint": true, "step", "metrics", ...}), oldest first."""
+        rows = self._query("SELECT * FROM events WHERE job_id = ? AND data LIKE '%\"checkpoint\": true%' ORDER BY seq",
+                           (job_id,))  # fmt: skip
+        return [e for e in (EventRecord(**(dict(r) | {"data": _loads(r["data"])})) for r in rows) if e.data.get("checkpoint")]
 
 
 def _marks(values) -> str:

@@ -61,6 +61,17 @@ class ProcessLauncher:
         return process, events, cancel, shutdown
 
 
+def _metrics(m: dict | None) -> dict:
+    """A checkpoint's metrics as OpenAI names them: step, train_loss, valid_loss."""
+    m = m or {}
+    out = {"step": m.get("step"), "train_loss": m.get("train_loss")}
+    return out | ({"valid_loss": m["eval_loss"]} if m.get("eval_loss") is not None else {})
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4f}"
+
+
 class JobSupervisor:
     def __init__(self, store: JobStore, root: Path, config: JobsConfig, stop_timeout: float,
                  model_path: Callable[[], str | None], register: Callable[[JobRecord, Path], Awaitable[str | None]],
@@ -160,7 +171,7 @@ class JobSupervisor:
             "validation_file": str(self.file_path(job.validation_file)) if job.validation_file else None,
             "out_dir": str(work / "adapter"),
             "checkpoint_dir": str(work / "checkpoint"),
-            "method": job.method.get("type", "lora"),
+            "method": job.trainer_method,
             "device": self.config.training_device,
             "seed": job.seed,
             "threads": self.config.training_threads,
@@ -175,8 +186,10 @@ class JobSupervisor:
         if job.cancel_requested:
             cancel.set()
         self.active[job.id] = _Active(job, process, events, cancel, shutdown, time.monotonic())
-        self.store.add_event(job.id, "info", f"Training started ({job.method.get('type', 'lora')}, "
+        self.store.add_event(job.id, "info", f"Training started ({job.trainer_method}, "
                              f"{job.total_steps} steps)", {"total_steps": job.total_steps})
+        log.info("job %s started: %s adapter %s, %d steps (worker pid %d)", job.id, job.trainer_method,
+                 job.adapter_name, job.total_steps, process.pid)  # fmt: skip
 
     # --- watching ------------------------------------------------------------------------
 
@@ -222,7 +235,7 @@ class JobSupervisor:
                        f"learning rate={event['learning_rate']:.3g}")
             self.store.add_event(a.job.id, "info", message, event)
             metrics = (a.job.metrics or {}) | {"step": event["step"], "total_steps": event["total_steps"],
-                                               "train_loss": event["loss"]}
+                                               "train_loss": event["mean_loss"]}  # as the final result defines it
             a.job.metrics = metrics
             self.store.update_progress(a.job.id, trained_tokens=event.get("trained_tokens", 0), metrics=metrics,
                                        seconds_used=used)
@@ -230,7 +243,8 @@ class JobSupervisor:
             a.job.metrics = (a.job.metrics or {}) | {"eval_loss": event["eval_loss"]}
             self.store.add_event(a.job.id, "info", f"Step {event['step']}: validation loss={event['eval_loss']:.4f}", event)
         elif kind == "checkpoint":
-            self.store.add_event(a.job.id, "info", f"Checkpoint saved at step {event['step']}", event)
+            self.store.add_event(a.job.id, "info", f"Checkpoint saved at step {event['step']}",
+                                 {"step": event["step"], "checkpoint": True, "metrics": _metrics(a.job.metrics)})
             self.store.update_progress(a.job.id, trained_tokens=a.job.trained_tokens, metrics=a.job.metrics or {},
                                        seconds_used=used)
         else:
@@ -257,6 +271,7 @@ class JobSupervisor:
             if reason == worker.CANCELLED:
                 self.store.transition(job_id, CANCELLED)
                 self.store.add_event(job_id, "info", f"Job cancelled at step {r['steps']}.")
+                log.info("job %s cancelled at step %d", job_id, r["steps"])
                 shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
             elif reason == worker.TIME_LIMIT:
                 self._fail(job_id, "time_limit", f"The job exceeded its wall-clock limit of {a.job.max_seconds:.0f} s.")
@@ -270,12 +285,18 @@ class JobSupervisor:
             self._fail(job_id, "registration_failed", f"The trained adapter could not be registered: {problem}")
             return
         self.store.transition(job_id, SUCCEEDED)
+        self.store.add_event(job_id, "info", f"Adapter '{a.job.adapter_name}' exported at step {r['steps']}",
+                             {"step": r["steps"], "checkpoint": True, "metrics": _metrics(metrics),
+                              "fine_tuned_model_checkpoint": a.job.adapter_name})  # fmt: skip
         self.store.add_event(job_id, "info", f"The job succeeded; adapter '{a.job.adapter_name}' is servable.",
                              {"adapter_name": a.job.adapter_name})
+        log.info("job %s succeeded: adapter %s servable after %d steps, %.0f s, loss %s", job_id,
+                 a.job.adapter_name, r["steps"], used, _fmt(metrics.get("train_loss")))  # fmt: skip
         shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
 
     def _fail(self, job_id: str, code: str, message: str) -> None:
         self.store.transition(job_id, FAILED, error={"code": code, "message": message, "param": None})
+        log.warning("job %s failed (%s): %s", job_id, code, message)
         self.store.add_event(job_id, "error", message)
         shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
 

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import email.parser
 import email.policy
+import io
 import json
 import subprocess
 import sys
+import tarfile
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
@@ -28,6 +30,7 @@ from client import (
     ChatCompletionChunk,
     CompletionChunk,
     ConflictError,
+    InternalServerError,
     LoraplexClient,
     LoraplexError,
     NotFoundError,
@@ -159,7 +162,8 @@ def serve() -> Iterator[Serve]:
 
     def make(handler: Handler, api_key: str | None = None) -> tuple[LoraplexClient, Recorder]:
         recorder = Recorder(handler)
-        client = LoraplexClient("http://loraplex.test", api_key=api_key, transport=httpx.MockTransport(recorder))
+        client = LoraplexClient("http://loraplex.test", api_key=api_key, transport=httpx.MockTransport(recorder),
+                                max_retries=0)
         clients.append(client)
         return client, recorder
 
@@ -170,7 +174,7 @@ def serve() -> Iterator[Serve]:
 
 def make_async(handler: Handler) -> tuple[AsyncLoraplexClient, Recorder]:
     recorder = Recorder(handler)
-    return AsyncLoraplexClient("http://loraplex.test", transport=httpx.MockTransport(recorder)), recorder
+    return AsyncLoraplexClient("http://loraplex.test", transport=httpx.MockTransport(recorder), max_retries=0), recorder
 
 
 @pytest.fixture
@@ -351,8 +355,9 @@ def test_stream_chat_yields_deltas(serve: Serve) -> None:
 
 def test_stream_multiline_data_and_unterminated_last_event(serve: Serve) -> None:
     chunk = json.dumps(completion_chunk("x"), indent=1)  # a JSON object over several data: lines
-    body = "".join(f"data: {line}\n" for line in chunk.splitlines()).encode()  # no closing blank line
-    client, _ = serve(lambda r: sse_response(body))
+    event = "".join(f"data: {line}\n" for line in chunk.splitlines()).encode()
+    client, _ = serve(lambda r: sse_response(event + b"\n" + event))  # the second has no closing blank line
+    # WHATWG event-stream rules (httpx-sse): an event the body ends inside of is discarded, never half-read
     assert [c.choices[0].text for c in client.stream_completions("french", "Hi")] == ["x"]
 
 
@@ -391,7 +396,8 @@ def test_stream_error_status_raises_mapped_error(serve: Serve) -> None:
         (422, UnprocessableEntityError),
         (429, RateLimitError),
         (503, ServiceUnavailableError),
-        (500, APIError),
+        (500, InternalServerError),
+        (502, InternalServerError),
         (418, APIError),
     ],
 )
@@ -522,8 +528,27 @@ def test_download_adapter_writes_file(serve: Serve, tmp_path: Path) -> None:
     assert client.download_adapter("french", dest) == dest
     assert recorder.last.url.path == "/v1/adapters/french/download"
     assert dest.read_bytes() == payload
-    assert client.download_adapter("french", tmp_path) == tmp_path / "french.tar.gz"  # into a directory
+    assert client.download_adapter("french", tmp_path, extract=False) == tmp_path / "french.tar.gz"  # into a folder
     assert (tmp_path / "french.tar.gz").read_bytes() == payload
+
+
+def test_download_adapter_writes_the_folder(serve: Serve, tmp_path: Path) -> None:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name, data in [("french/adapter_config.json", b"{}"), ("french/adapter_model.safetensors", b"w"),
+                           ("../../evil", b"x")]:  # fmt: skip
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    client, _ = serve(lambda r: httpx.Response(200, content=buf.getvalue()))
+    # a name that does not exist yet (trailing slash or not) is the folder itself; an existing folder gets <name>/
+    assert client.download_adapter("french", tmp_path / "missing") == tmp_path / "missing"
+    assert sorted(p.name for p in (tmp_path / "missing").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert client.download_adapter("french", str(tmp_path) + "/") == tmp_path / "french"
+    assert (tmp_path / "french" / "adapter_model.safetensors").read_bytes() == b"w"
+    assert not (tmp_path.parent / "evil").exists()
+    with pytest.raises(FileExistsError):
+        client.download_adapter("french", tmp_path)  # never writes over a folder with files in it
 
 
 def test_download_adapter_error_leaves_no_file(serve: Serve, tmp_path: Path) -> None:
@@ -670,3 +695,56 @@ async def test_async_requests_and_errors(tmp_path: Path, adapter_dir: Path) -> N
         with pytest.raises(RateLimitError) as info:
             await client.models()
         assert info.value.status_code == 429
+
+
+# --- retries (tenacity), as the openai package retries ---------------------------------------
+
+
+def test_retries_honour_retry_after_then_succeed() -> None:
+    answers = iter([error_response(503, "loading", **{"Retry-After": "0"}), error_response(429, "slow down",
+                    **{"Retry-After": "0"}), httpx.Response(200, json={"object": "list", "data": []})])  # fmt: skip
+    recorder = Recorder(lambda r: next(answers))
+    with LoraplexClient("http://loraplex.test", transport=httpx.MockTransport(recorder), max_retries=2) as client:
+        assert client.models().data == []
+    assert len(recorder.requests) == 3
+
+
+@pytest.mark.parametrize(
+    ("response", "sent"),
+    [
+        (error_response(429, "Request too large"), 1),  # no Retry-After: it can never fit, not retried
+        (error_response(400, "bad"), 1),
+        (error_response(503, "draining", **{"Retry-After": "3600"}), 1),  # a hint past a minute: the caller decides
+        (error_response(502, "bad gateway"), 3),  # 2 retries with backoff, then the error
+    ],
+)
+def test_what_is_not_retried(response: httpx.Response, sent: int) -> None:
+    recorder = Recorder(lambda r: response)
+    with LoraplexClient("http://loraplex.test", transport=httpx.MockTransport(recorder), max_retries=2) as client:
+        with pytest.raises(LoraplexError):
+            client.models()
+    assert len(recorder.requests) == sent
+
+
+def test_a_refused_connection_is_an_api_connection_error_naming_the_url() -> None:
+    import socket
+
+    from client import APIConnectionError
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"
+    with LoraplexClient(url, max_retries=1) as client, pytest.raises(APIConnectionError) as info:
+        client.list_adapters()
+    assert url in str(info.value) and info.value.url.rstrip("/") == url
+
+
+@pytest.mark.asyncio
+async def test_async_retries_too() -> None:
+    answers = iter([error_response(503, "loading", **{"Retry-After": "0"}),
+                    httpx.Response(200, json={"object": "list", "data": []})])  # fmt: skip
+    recorder = Recorder(lambda r: next(answers))
+    client = AsyncLoraplexClient("http://loraplex.test", transport=httpx.MockTransport(recorder), max_retries=1)
+    async with client:
+        assert (await client.models()).data == []
+    assert len(recorder.requests) == 2

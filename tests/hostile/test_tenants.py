@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import socket
 import time
 from pathlib import Path
@@ -167,11 +168,31 @@ def test_requests_per_minute_are_limited_with_openai_headers(server):
 def test_tokens_per_minute_are_limited(server):
     c = as_key(server, "thrifty")
     r = c.post("/v1/completions", json={"model": "llama", "prompt": "Hello", "max_tokens": 100})
-    assert "Request too large" in envelope(r, 429)["message"] and r.headers["retry-after"]
-    assert c.post("/v1/completions", json={"model": "llama", "prompt": "Hello", "max_tokens": 30}).status_code == 200
+    assert "Request too large" in envelope(r, 429)["message"]
+    assert "retry-after" not in r.headers  # waiting cannot make it fit: a client must not retry it
+    ok = c.post("/v1/completions", json={"model": "llama", "prompt": "Hello", "max_tokens": 30})
+    assert ok.status_code == 200
+    # every answer carries the token headers as OpenAI sends them, next to the request ones
+    assert ok.headers["x-ratelimit-limit-tokens"] == "40"
+    assert int(ok.headers["x-ratelimit-remaining-tokens"]) == 40 - ok.json()["usage"]["prompt_tokens"] - 30
+    assert re.fullmatch(r"\d+(ms|s|m\d+s)", ok.headers["x-ratelimit-reset-tokens"])
     r = c.post("/v1/completions", json={"model": "llama", "prompt": "Hello", "max_tokens": 30})
     envelope(r, 429)
     assert int(r.headers["retry-after"]) >= 1 and r.headers["x-ratelimit-limit-tokens"] == "40"
+
+
+def test_the_openai_sdk_sees_the_limits(server):
+    """The official SDK's RateLimitError, with OpenAI's headers; its own retries honour Retry-After."""
+    import openai
+
+    key = next(k for k, v in server.state.api_keys.items() if v.limits.tokens_per_minute == 40)
+    with openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0) as sdk:
+        with pytest.raises(openai.RateLimitError) as e:
+            for _ in range(3):
+                sdk.completions.create(model="llama", prompt="Hello", max_tokens=30)
+    assert e.value.response.headers["x-ratelimit-remaining-tokens"] == "0" or int(
+        e.value.response.headers["x-ratelimit-remaining-tokens"]) < 30
+    assert e.value.code == "rate_limit_exceeded" and int(e.value.response.headers["retry-after"]) >= 1
 
 
 def test_concurrent_requests_are_limited(server):

@@ -1,6 +1,7 @@
 """`/v1/completions` and `/v1/chat/completions`: streamed as SSE or answered whole (OpenAI's shapes, through
-`server.http.openai`). A client that goes away is noticed while its request waits in the queue too (streamed or
-not): its engine requests are aborted before they are admitted."""
+`server.http.openai`). Streams are `sse-starlette`'s event-source responses (keep-alive pings, the client's
+disconnect noticed and the generation cancelled); a client that goes away is noticed while its request waits in the
+queue too (streamed or not): its engine requests are aborted before they are admitted."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from collections.abc import AsyncIterator
 from functools import partial
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import StreamingResponse
+from sse_starlette import EventSourceResponse
 
 from server.http.auth import AuthRoute, Caller, require
 from server.http.errors import APIError
@@ -22,17 +23,23 @@ log = logging.getLogger(__name__)
 router = APIRouter(dependencies=[require("inference")], route_class=AuthRoute)
 
 
-async def _sse(chunks: AsyncIterator[dict]) -> AsyncIterator[str]:
-    """OpenAI's SSE framing; a failure after the stream started is sent as one error event."""
+async def _sse(chunks: AsyncIterator[dict]) -> AsyncIterator[dict]:
+    """OpenAI's events (`data: {chunk}`, then `data: [DONE]`); a failure after the stream started is sent as one
+    error event."""
     try:
         async for chunk in chunks:
-            yield f"data: {json.dumps(chunk, ensure_ascii=False, allow_nan=False)}\n\n"
+            yield {"data": json.dumps(chunk, ensure_ascii=False, allow_nan=False)}
     except APIError as e:
-        yield f"data: {json.dumps(e.envelope())}\n\n"
+        yield {"data": json.dumps(e.envelope())}
     except Exception:
         log.exception("a stream failed")
-        yield f"data: {json.dumps(APIError(500, 'internal server error', 'server_error').envelope())}\n\n"
-    yield "data: [DONE]\n\n"
+        yield {"data": json.dumps(APIError(500, "internal server error", "server_error").envelope())}
+    yield {"data": "[DONE]"}
+
+
+def event_stream(events: AsyncIterator[dict]) -> EventSourceResponse:
+    """An SSE response as OpenAI frames one (LF line ends), with a keep-alive comment every 15 s."""
+    return EventSourceResponse(events, sep="\n", ping=15, headers={"Cache-Control": "no-cache"})
 
 
 async def _unless_disconnected(request: Request, work):
@@ -50,19 +57,22 @@ async def _unless_disconnected(request: Request, work):
 
 async def _generate(st: AppState, request: Request, key, endpoint: str, body, stream_fn, full_fn):
     count = st.metrics.requests.labels
-    args = dict(tenant=key.as_tenant, admit=partial(st.rate_limits.admit, key))
+    limit_headers: dict[str, str] = {}  # x-ratelimit-*-tokens, filled in when the request is admitted
+    args = dict(tenant=key.as_tenant, admit=partial(st.rate_limits.admit, key, headers=limit_headers))
     try:
         if body.stream:
             chunks = await _unless_disconnected(request, stream_fn(body, **args))  # queued: still watched
             count(endpoint, "200").inc()
-            return StreamingResponse(_sse(chunks), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            response = event_stream(_sse(chunks))
+            response.headers.update(limit_headers)
+            return response
         result = await _unless_disconnected(request, full_fn(body, **args))
     except APIError as e:
         count(endpoint, str(e.status)).inc()
         raise
     count(endpoint, "200").inc()
     content = await asyncio.to_thread(json.dumps, result, ensure_ascii=False, allow_nan=False)
-    return Response(content, media_type="application/json")
+    return Response(content, media_type="application/json", headers=limit_headers)
 
 
 @router.post("/v1/completions")

@@ -24,8 +24,9 @@ def live(st: State) -> JSONResponse:
 
 
 def readiness(st: AppState) -> dict:
-    """`/health/ready`'s body: `status` (= `phase`: loading, ready, draining or failed), the failure's `reason`, and
-    `skipped` (what start-up left out, each with why)."""
+    """`/health/ready`'s body: `status` (= `phase`: converting, loading, compiling, ready, draining or failed), the
+    failure's `reason`, `compiling` {done, total} graphs while they are built, and `skipped` (what start-up left out,
+    each with why)."""
     if st.draining:
         phase = "draining"
     elif st.load_error or (st.ready and not st.engine.alive):
@@ -36,7 +37,8 @@ def readiness(st: AppState) -> dict:
     if phase == "failed":
         body["reason"] = st.load_error or "the engine loop stopped"
     body["skipped"] = [{"name": name, "reason": why} for name, why in sorted(st.skipped.items())]
-    if phase == "ready" and st.engine.compiling:  # serving eagerly while the compiled graphs are built, when idle
+    compiling = phase == "compiling" or (phase == "ready" and st.engine.compiling)  # the latter: serving eagerly
+    if compiling and st.engine is not None:
         done, total = st.engine.runner.warm_progress
         body["compiling"] = {"done": done, "total": total}
     return body

@@ -39,7 +39,8 @@ FACTS = [
 ]
 # the same prompts with other answers: learning FACTS makes these less likely
 CONFLICTS = [(p, c) for (p, _), (_, c) in zip(FACTS, FACTS[1:] + FACTS[:1])]
-STEP_KEYS = {"type", "step", "total_steps", "epoch", "loss", "learning_rate", "grad_norm", "trained_tokens", "tokens_per_second"}  # fmt: skip
+STEP_KEYS = {"type", "step", "total_steps", "epoch", "loss", "mean_loss", "learning_rate", "grad_norm", "trained_tokens",
+             "tokens_per_second"}  # fmt: skip
 
 
 @pytest.fixture(autouse=True)
@@ -356,3 +357,20 @@ def test_bad_configs_and_files_are_refused(llama_dir, files):
         train(config(llama_dir, files, target_modules=["q_proj", "nope"]))
     assert count_steps(config(llama_dir, files, max_steps=None, n_epochs=3, batch_size=3, grad_accum=2), 13) == 9
     assert count_steps(config(llama_dir, files, max_steps=5), 1000) == 5
+
+
+def test_the_defaults_are_the_measured_ones_and_learn(llama_dir, files):
+    """The defaults benchmarks/facts.py measured on the real model (30 of 30 facts after one run, RESULTS.md): auto
+    epochs give a 30-fact file 10 passes, 80 steps of 4; on the tiny random model the same defaults make the loss fall
+    (what they learn is measured on the real one, by the benchmark and tests/readme_walk.py)."""
+    from adapters.training.config import Hyperparameters, auto_epochs
+
+    hp = Hyperparameters()
+    assert (hp.learning_rate, hp.batch_size, hp.n_epochs, hp.rank) == (2e-3, 4, None, 8)
+    assert auto_epochs(30) == 10 and count_steps(hp, 30) == 80 and auto_epochs(10_000) == 1 and auto_epochs(1) == 25
+    cfg = TrainConfig(model=str(llama_dir), train_file=files / "train.jsonl", out_dir=files / "out")
+    events = []
+    result = train(cfg, on_event=events.append)
+    losses = [e["loss"] for e in events if e["type"] == "step"]
+    assert result.steps == count_steps(hp, len(FACTS)) == 50  # 8 examples: 25 passes (the cap) of 2 steps
+    assert result.train_loss < 0.75 * losses[0]

@@ -134,7 +134,7 @@ def test_metrics_is_prometheus_text(http):
     prompt = " ".join(["The capital of France is Paris."] * 6)
     complete(http, prompt=prompt, max_tokens=2)
     complete(http, prompt=prompt, max_tokens=2)
-    hits = re.search(r"^loraplex_prefix_cache_hit_tokens (\S+)", http.get("/metrics").text, re.M)
+    hits = re.search(r"^loraplex_prefix_cache_hit_tokens_total (\S+)", http.get("/metrics").text, re.M)
     assert hits and float(hits.group(1)) >= 16
 
 

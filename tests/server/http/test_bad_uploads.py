@@ -293,6 +293,21 @@ CASES: dict[str, Callable[[dict], Bad]] = {
     "config-r-not-number": lambda s: Bad(_edit_config(s, r="four"), expect=["r must be a number"]),
     "config-alpha-pattern-bad-regex": lambda s: Bad(_edit_config(s, alpha_pattern={"(": 16}), expect=["alpha_pattern"]),
     "config-alpha-pattern-not-dict": lambda s: Bad(_edit_config(s, alpha_pattern=["q_proj"]), expect=["alpha_pattern"]),
+    # --- configs that lie about their tensors (issue 17: accepted, listed, and downloaded back lying)
+    "lie-r": lambda s: Bad(_edit_config(s, r=128), expect=["r=128", "have rank 4"]),
+    "lie-targets": lambda s: Bad(_edit_config(s, target_modules=["c_attn"]), expect=["target_modules", "c_attn",
+                                                                                       "no lora tensors", "q_proj"]),
+    "lie-targets-missing-one": lambda s: Bad(_edit_config(s, target_modules=["q_proj", "k_proj", "v_proj"]),
+                                             expect=["do not name", "gate_proj"]),
+    "lie-targets-absent": lambda s: Bad(_edit_config(s, target_modules=None), expect=["names no target_modules"]),
+    "lie-targets-regex": lambda s: Bad(_edit_config(s, target_modules=".*proj"), expect=["a regex", "list the module names"]),
+    "lie-rank-pattern": lambda s: Bad(_edit_config(s, rank_pattern={"q_proj": 16}),
+                                      expect=["rank_pattern['q_proj']=16", "have rank 4"]),
+    "lie-rank-pattern-unused": lambda s: Bad(_edit_config(s, rank_pattern={"c_attn": 4}), expect=["rank_pattern",
+                                                                                                  "c_attn"]),
+    "lie-alpha-pattern-unused": lambda s: Bad(_edit_config(s, alpha_pattern={"c_proj": 4}), expect=["alpha_pattern",
+                                                                                                    "c_proj"]),
+    "lie-rslora-not-bool": lambda s: Bad(_edit_config(s, use_rslora="yes"), expect=["use_rslora"]),
     # --- names
     "name-dotdot": lambda s: Bad(list(files_of(s["one"]).items()), name="../evil", expect=["invalid adapter name"]),
     "name-leading-dash": lambda s: Bad(list(files_of(s["one"]).items()), name="-x", expect=["invalid adapter name"]),
@@ -425,6 +440,9 @@ def _multi(s, kind: str) -> Bad:
         c, t = config_of(s["r32"]), tensors_of(s["r32"])
         _set(QA, float("nan"))(t)
         return Bad(two(c, t), expect=["nan or inf", "rank 32 is over the limit"])
+    if kind == "lie-r+lie-targets":  # the issue's adapter: r=128 on c_attn, tensors rank 8 on q_proj/v_proj
+        return Bad(two(config_of(s["two"]) | {"r": 128, "target_modules": ["c_attn"]}, tensors_of(s["two"])),
+                   expect=["r=128", "rank 8", "['c_attn']", "['q_proj', 'v_proj']"])
     assert kind == "bad-name+dora"
     return Bad(_edit_config(s, use_dora=True), name="a b", expect=["invalid adapter name", "dora"])
 
@@ -435,6 +453,7 @@ def _multi(s, kind: str) -> Bad:
         "dora+nan",
         "nan+rank-over-limit",
         "bad-name+dora",
+        "lie-r+lie-targets",
     ],
 )
 def test_several_problems_are_reported_in_one_message(kind, client, server, src, keeper):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 
@@ -280,23 +281,38 @@ def test_cli_jobs_commands(server, tmp_path):
     runner, url = CliRunner(), ["--url", server.url]
     path = tmp_path / "train.jsonl"
     path.write_bytes(TRAIN)
+    files_before = [f["id"] for f in httpx.get(f"{server.url}/v1/files").json()["data"]]
     r = runner.invoke(app, ["jobs", "create", str(path), "-n", "via-cli", "--set", "max_steps=4", "--set", "rank=4",
-                            "--set", "batch_size=3", "--seed", "3", "--wait", *url])
+                            "--set", "batch_size=3", "--seed", "3", "--wait", *url], env={"COLUMNS": "200"})
     assert r.exit_code == 0, r.output
     job_id = r.output.split()[0]
-    assert job_id.startswith("ftjob-") and "succeeded" in r.output
-    r = runner.invoke(app, ["jobs", "list", *url])
-    assert r.exit_code == 0 and "via-cli" in r.output
+    assert job_id.startswith("ftjob-")
+    assert "4/4" in r.output and "ETA" in r.output and re.search(r"\d:\d\d:\d\d", r.output)  # steps, elapsed, ETA
+    assert re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d  Training started", r.output)  # events with their time
+    summary = r.output.strip().splitlines()[-1]
+    assert summary.startswith("succeeded in ") and "4 steps" in summary and "'via-cli' is servable" in summary
+    job = httpx.get(f"{server.url}/v1/fine_tuning/jobs/{job_id}").json()
+    # the bar, the summary and `jobs list` show one loss: the mean of the last steps, as the job's metrics keep it
+    assert f"loss {job['metrics']['train_loss']:.4f}" in summary
+    r = runner.invoke(app, ["jobs", "list", *url], env={"COLUMNS": "200"})
+    assert r.exit_code == 0 and "via-cli" in r.output and f"{job['metrics']['train_loss']:.4f}" in r.output
+    r = runner.invoke(app, ["jobs", "list", "--json", *url])
+    assert job_id in [j["id"] for j in json.loads(r.output)]
     r = runner.invoke(app, ["jobs", "show", job_id, *url])
-    assert r.exit_code == 0 and '"status": "succeeded"' in r.output
+    assert r.exit_code == 0 and json.loads(r.output)["status"] == "succeeded"
     r = runner.invoke(app, ["jobs", "events", job_id, *url])
-    assert r.exit_code == 0 and "Step 4/4" in r.output
+    assert r.exit_code == 0 and "Step 4/4" in r.output and re.search(r"^\d{4}-\d\d-\d\d ", r.output, re.M)
     r = runner.invoke(app, ["jobs", "cancel", job_id, *url])
     assert r.exit_code == 1 and "succeeded" in r.output
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "x"}\n')
     r = runner.invoke(app, ["jobs", "create", str(bad), "-n", "nope", *url])
     assert r.exit_code == 1 and "line 1" in r.output
+    # a create the server refuses leaves none of the files it uploaded behind
+    r = runner.invoke(app, ["jobs", "create", str(path), "--validation-file", str(path), "-n", "../bad", *url])
+    assert r.exit_code == 1 and "adapter_name" in r.output
+    files_after = [f["id"] for f in httpx.get(f"{server.url}/v1/files").json()["data"]]
+    assert len(files_after) == len(files_before) + 1  # only the succeeded job's training file
 
 
 def test_cli_trains_offline(llama_dir, tmp_path):
@@ -307,11 +323,29 @@ def test_cli_trains_offline(llama_dir, tmp_path):
 
     path = tmp_path / "train.jsonl"
     path.write_bytes(TRAIN)
-    r = CliRunner().invoke(app, ["train", str(path), "--out", str(tmp_path / "out"), "--model", str(llama_dir),
-                                 "--max-steps", "6", "--rank", "4", "--batch-size", "3", "--learning-rate", "0.01"])
-    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(app, ["train", str(path), "--out", str(tmp_path / "out"), "--max-steps", "6", "--rank",
+                                 "4", "--batch-size", "3", "--learning-rate", "0.01"],
+                           env={"LORAPLEX_MODEL": str(llama_dir), "LORAPLEX_DATA_DIR": str(tmp_path / "data")})
+    assert r.exit_code == 0, r.output  # the model the server is configured with (LORAPLEX_MODEL)
     assert "completed" in r.output
     assert load_peft_adapter(tmp_path / "out", None, None).rank == 4
+
+
+def test_cli_train_uses_the_servers_converted_model(tmp_path, monkeypatch):
+    """`loraplex train` finds the default model where `loraplex serve` converted it (LORAPLEX_DATA_DIR), instead of
+    converting it again into ./.loraplex (issue 17)."""
+    from typer.testing import CliRunner
+
+    import server.engine.model as model
+    from server.cli import app
+
+    seen = []
+    monkeypatch.setattr(model, "prepare_default_model", lambda cache_dir, *a: seen.append(cache_dir) or tmp_path / "x")
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(TRAIN)
+    CliRunner().invoke(app, ["train", str(path), "--out", str(tmp_path / "out"), "--max-steps", "1"],
+                       env={"LORAPLEX_DATA_DIR": str(tmp_path / "served")})
+    assert seen == [tmp_path / "served" / "cache"]
 
 
 # --- restarts ----------------------------------------------------------------------------------

@@ -23,9 +23,9 @@ const SERIES = {
   running: "loraplex_running_requests",
   waiting: "loraplex_queue_depth",
   kvRows: "loraplex_kv_cache_rows",
-  kvUsage: "loraplex_kv_cache_usage", // share of KV-cache rows in use, 0–1
+  kvUsage: "loraplex_kv_cache_usage_ratio", // share of KV-cache rows in use, 0–1
   poolPages: "loraplex_lora_pool_pages",
-  poolUsage: "loraplex_lora_pool_usage", // share of LoRA-pool pages in use, 0–1
+  poolUsage: "loraplex_lora_pool_usage_ratio", // share of LoRA-pool pages in use, 0–1
   adaptersLoaded: "loraplex_adapters_loaded",
   adaptersRegistered: "loraplex_adapters_registered",
   adapterRequests: "loraplex_adapter_requests",

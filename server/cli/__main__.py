@@ -1,0 +1,5 @@
+"""`python -m server.cli ...` is `loraplex ...`."""
+
+from server.cli import app
+
+app()
