@@ -164,13 +164,16 @@ def launch_server(port: int, log_path: Path, model: str | None, env: dict[str, s
         return subprocess.Popen(cmd, cwd=REPO, env=full, stdout=log, stderr=subprocess.STDOUT)
 
 
-def wait_ready(proc: subprocess.Popen, url: str, timeout: float, log_path: Path) -> None:
+def wait_ready(proc: subprocess.Popen, url: str, timeout: float, log_path: Path, compiled: bool = True) -> None:
+    """Wait for `/health/ready` 200 and, with `compiled`, for the compiled backend's background warm-up to finish
+    (until then the server answers eagerly and compiles whenever it is idle: a measurement would see neither)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"the server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
         try:
-            if httpx.get(f"{url}/health/ready", timeout=5).status_code == 200:
+            r = httpx.get(f"{url}/health/ready", timeout=5)
+            if r.status_code == 200 and not (compiled and "compiling" in r.json()):
                 return
         except httpx.HTTPError:
             pass

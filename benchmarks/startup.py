@@ -38,6 +38,7 @@ from benchmarks.common import (  # noqa: E402
 
 
 def start_once(root: Path, cache_dir: Path, inductor: Path, background: bool, timeout: float) -> dict:
+    root.mkdir(parents=True, exist_ok=True)
     port, log = free_port(), root / "server.log"
     url = f"http://127.0.0.1:{port}"
     env = {"LORAPLEX_DATA_DIR": str(root / "data"), "LORAPLEX_CACHE_DIR": str(cache_dir),

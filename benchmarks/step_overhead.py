@@ -52,7 +52,8 @@ def measure(args) -> dict:
     registry = AdapterRegistry()
     registered = [registry.add(f"a{i}", w) for i, w in enumerate(adapters)]
     config = EngineConfig(max_num_seqs=args.rows, max_model_len=max(map(len, prompts)) + args.steps + 32,
-                          lora_pages=len(adapters) + 2, lora_page_size=16, lora_backend=args.backend, auto_merge=False)
+                          lora_pages=len(adapters) + 2, lora_page_size=16, max_lora_rank=16, lora_backend=args.backend,
+                          auto_merge=False)
     engine = Engine(base, config)
     engine.warmup()
     params = SamplingParams(max_tokens=args.steps + 8, temperature=0.0, ignore_eos=True)

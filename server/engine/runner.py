@@ -87,6 +87,9 @@ class ModelRunner:
             "temperature": (torch.float32, (rows,)), "top_p": (torch.float32, (rows,)),
         }, base.device)  # fmt: skip
         self.pad_batches = config.cuda_graphs  # padding buys nothing without captured graphs
+        # decode rows that share pages: one shrink/expand per page set, or per row (see EngineConfig.decode_grouping)
+        compiled_cpu = config.lora_backend == "compiled" and base.device.type == "cpu"
+        self.group_decode = config.decode_grouping == "on" or (config.decode_grouping == "auto" and not compiled_cpu)
         self.graphs = DecodeGraphs(base.device) if config.cuda_graphs and base.device.type == "cuda" else None
         if config.lora_backend == "compiled":
             self.enter_thread()
@@ -155,10 +158,10 @@ class ModelRunner:
                         yield partial(self._warm_prefill, n, t, pages, segments)
                 for kv in self._warm_kv:  # decode steps, every row its own pages
                     yield partial(self._warm_decode, n, kv, ("gathered", pages, 0, 0) if pages else ("none", 0, 0, 0))
-                if pages and n > 1:  # decode steps of rows on the same pages (see _stage_lora)
+                if pages and n > 1 and self.group_decode:  # decode steps of rows on the same pages (_stage_lora)
                     for kv in self._warm_kv:
                         yield partial(self._warm_decode, n, kv, ("segmented", pages, 1, 0))
-            for u, m in ((1, 2), (2, 2), (2, 3)) if pages else ():  # decode steps of rows sharing their pages,
+            for u, m in ((1, 2), (2, 2), (2, 3)) if pages and self.group_decode else ():  # rows sharing their pages,
                 for n in (u * m, u * m + 1):  # with and without rows outside the groups
                     if n <= self.config.max_num_seqs:
                         for kv in self._warm_kv:
@@ -332,7 +335,8 @@ class ModelRunner:
                     ) -> tuple[tuple[str, int, int, int], frozenset[int]]:  # fmt: skip
         """Stage a decode step's LoRA operands for rows 0..b-1, the op chosen by how rows share pages: every row on
         the same pages, one segment (two plain GEMMs); rows sharing pages two or more to a set, grouped (each set
-        read once); else gathered per row. Returns (mode, pages per row, groups, rows per group) and the keys."""
+        read once); else, or without `group_decode`, gathered per row. Returns (mode, pages per row, groups, rows per
+        group) and the keys."""
         rows = self._rows(adapters)
         users = [i for i, r in enumerate(rows) if r]
         if not users:
@@ -342,7 +346,9 @@ class ModelRunner:
             sets.setdefault(tuple(rows[i]), []).append(i)
         k = _bucket(max(sum(len(p) for p, _ in s) for s in sets))
         pad = _bucket if self.graphs is not None else (lambda x: x)
-        if len(sets) == 1 and len(users) == len(rows) > 1:
+        if not self.group_decode:
+            mode, table, u, m = "gathered", rows, 0, 0
+        elif len(sets) == 1 and len(users) == len(rows) > 1:
             mode, table, u, m = "segmented", [list(next(iter(sets)))], 1, 0
         elif len(users) >= 2 * len(sets):
             mode, table = "grouped", [list(s) for s in sets]

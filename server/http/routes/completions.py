@@ -12,11 +12,11 @@ from collections.abc import AsyncIterator
 from functools import partial
 
 from fastapi import APIRouter, Request, Response
-from sse_starlette import EventSourceResponse
 
 from server.http.auth import AuthRoute, Caller, require
 from server.http.errors import APIError
 from server.http.protocol import ChatCompletionRequest, CompletionRequest
+from server.http.sse import event_stream
 from server.http.state import AppState, Ready
 
 log = logging.getLogger(__name__)
@@ -35,11 +35,6 @@ async def _sse(chunks: AsyncIterator[dict]) -> AsyncIterator[dict]:
         log.exception("a stream failed")
         yield {"data": json.dumps(APIError(500, "internal server error", "server_error").envelope())}
     yield {"data": "[DONE]"}
-
-
-def event_stream(events: AsyncIterator[dict]) -> EventSourceResponse:
-    """An SSE response as OpenAI frames one (LF line ends), with a keep-alive comment every 15 s."""
-    return EventSourceResponse(events, sep="\n", ping=15, headers={"Cache-Control": "no-cache"})
 
 
 async def _unless_disconnected(request: Request, work):

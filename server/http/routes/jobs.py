@@ -12,7 +12,7 @@ from fastapi import APIRouter, Query
 from server.http.auth import AuthRoute, Caller, require
 from server.http.errors import APIError
 from server.http.protocol import JobCreateRequest
-from server.http.routes.completions import event_stream
+from server.http.sse import event_stream
 from server.http.state import AppState, Ready, State
 from server.jobs.service import JobRequest
 from server.jobs.store import TERMINAL

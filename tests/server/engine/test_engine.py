@@ -273,11 +273,14 @@ def test_aborting_a_chunked_prompt_frees_its_row(make_harness, llama_dir, engine
     )
 
 
-@pytest.mark.parametrize("backend", ["eager", "compiled"])
-def test_rows_sharing_adapters_decode_grouped_with_the_same_tokens(make_harness, llama_dir, engine_adapters, backend):
+@pytest.mark.parametrize("backend,grouping", [("eager", "auto"), ("compiled", "on"), ("compiled", "auto")])
+def test_rows_sharing_adapters_decode_grouped_with_the_same_tokens(make_harness, llama_dir, engine_adapters, backend,
+                                                                   grouping):  # fmt: skip
     """Decode steps whose rows share pages take the segmented op (all rows on one adapter) or the grouped one
-    (several rows per adapter, each adapter's pages read once): the tokens are PEFT's, and nothing compiles anew."""
-    h = make_harness(llama_dir, engine_adapters, backend, max_num_seqs=6, auto_merge=False, prefix_caching=False)
+    (several rows per adapter, each adapter's pages read once), or with decode grouping off (auto: the compiled
+    backend on the CPU) the gathered op: the tokens are PEFT's, and nothing compiles anew."""
+    h = make_harness(llama_dir, engine_adapters, backend, max_num_seqs=6, auto_merge=False, prefix_caching=False,
+                     decode_grouping=grouping)  # fmt: skip
     modes = []
     stage = h.engine.runner._stage_lora
     h.engine.runner._stage_lora = lambda *a: (r := stage(*a), modes.append(r[0][0]))[0]
@@ -286,7 +289,9 @@ def test_rows_sharing_adapters_decode_grouped_with_the_same_tokens(make_harness,
     shared = [dict(prompt=PROMPTS[i % 5], adapters=ad, min_tokens=6, max_tokens=6)
               for i, ad in enumerate([[("a", 1.0)]] * 3 + [[("b", 1.0)]] * 2 + [[]])]  # fmt: skip
     outs = h.run(same) + h.run(shared)
-    assert "segmented" in modes and "grouped" in modes
+    grouped = grouping == "on" or h.engine.runner.device.type != "cpu" or backend == "eager"
+    assert h.engine.runner.group_decode == grouped
+    assert ("segmented" in modes and "grouped" in modes) if grouped else set(modes) <= {"gathered", "none"}
     plain = AutoModelForCausalLM.from_pretrained(llama_dir).eval()
     merged = {n: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(llama_dir), d).merge_and_unload().eval()
               for n, d in engine_adapters.items()}  # fmt: skip
