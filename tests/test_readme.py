@@ -22,6 +22,7 @@ def test_every_readme_command_is_walked_or_skipped_with_a_reason():
 
 
 @pytest.mark.skipif(os.environ.get("LORAPLEX_WALK_README") != "1", reason="minutes: LORAPLEX_WALK_README=1 walks it")
+@pytest.mark.timeout(1800)  # two default training runs and a server on the real model: past the suite's 600 s
 def test_the_readme_walks():
     from tests.readme_walk import walk
 
