@@ -36,6 +36,10 @@ SKIPPED = {
     "make install TORCH_INDEX": "a CUDA machine",
     "docker ": "no docker here: tests/test_deploy.py checks the images and the compose file",
     "loraplex serve --api-keys-file": "a second server with keys: tests/hostile/test_tenants.py walks tenants",
+    "loraplex serve --replicas": "a second server, on Ray Serve: tests/ray/test_cluster.py starts it for real",
+    "loraplex serve --min-replicas": "a second server, on Ray Serve with autoscaling: tests/ray/test_app.py builds it",
+    "RAY_ADDRESS=": "a running multi-node Ray cluster and a shared disk",
+    "serve deploy": "a Ray cluster run with Ray's own tools",
 }
 
 
