@@ -5,27 +5,10 @@ a line (`log_format=json`, `python-json-logger`), and no library draws progress 
 from __future__ import annotations
 
 import logging.config
-import sys
 from typing import Any
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 JSON_FIELDS = "%(asctime)s %(levelname)s %(name)s %(message)s"
-
-
-class StderrHandler(logging.StreamHandler):
-    """A stream handler on whatever `sys.stderr` is when a record is written, not the one it was made with (an
-    embedding program or a test runner may replace it, and close the old one, after logging is configured)."""
-
-    def __init__(self) -> None:
-        super().__init__(sys.stderr)
-
-    @property
-    def stream(self):  # type: ignore[override]
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value) -> None:
-        pass
 
 
 def logging_config(level: str = "info", fmt: str = "text") -> dict[str, Any]:
@@ -39,7 +22,7 @@ def logging_config(level: str = "info", fmt: str = "text") -> dict[str, Any]:
         "version": 1,
         "disable_existing_loggers": False,
         "formatters": {"default": formatter},
-        "handlers": {"default": {"class": "server.logs.StderrHandler", "formatter": "default"}},
+        "handlers": {"default": {"class": "logging.StreamHandler", "formatter": "default", "stream": "ext://sys.stderr"}},
         "root": {"handlers": ["default"], "level": level},
         "loggers": {name: {"handlers": [], "level": level, "propagate": True}
                     for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "transformers", "huggingface_hub")},

@@ -341,16 +341,14 @@ class ModelRunner:
         users = [i for i, r in enumerate(rows) if r]
         if not users:
             return ("none", 0, 0, 0), frozenset()  # base rows only (or only the merged adapter's)
-        sets: dict[tuple, list[int]] = {}
-        for i in users:
+        k = _bucket(max(sum(len(p) for p, _ in rows[i]) for i in users))
+        sets: dict[tuple, list[int]] = {}  # rows by the pages they apply (only looked for when grouping)
+        for i in users if self.group_decode else ():
             sets.setdefault(tuple(rows[i]), []).append(i)
-        k = _bucket(max(sum(len(p) for p, _ in s) for s in sets))
         pad = _bucket if self.graphs is not None else (lambda x: x)
-        if not self.group_decode:
-            mode, table, u, m = "gathered", rows, 0, 0
-        elif len(sets) == 1 and len(users) == len(rows) > 1:
+        if len(sets) == 1 and len(users) == len(rows) > 1:
             mode, table, u, m = "segmented", [list(next(iter(sets)))], 1, 0
-        elif len(users) >= 2 * len(sets):
+        elif sets and len(users) >= 2 * len(sets):
             mode, table = "grouped", [list(s) for s in sets]
             u, m = pad(len(sets)), pad(max(map(len, sets.values())))
             host["slots"][:u, :m], host["inverse"][:b] = b, u * m  # padding: the zero row in, no term out
