@@ -110,7 +110,7 @@ def start(args, root: Path, name: str, adapter_dir: Path, env: dict[str, str]) -
         "LORAPLEX_ADAPTER_DIR": str(adapter_dir), "LORAPLEX_DATA_DIR": str(root / f"{name}-data"),
         "LORAPLEX_CACHE_DIR": str(args.cache_dir.resolve()), "LORAPLEX_MAX_MODEL_LEN": "512",
         "LORAPLEX_MAX_LORA_RANK": "16", "LORAPLEX_LORA_BACKEND": args.backend, "LORAPLEX_DRAIN_TIMEOUT": "5",
-    } | env)  # fmt: skip
+    } | env | (dict(kv.split("=", 1) for kv in args.ray_env) if "LORAPLEX_REPLICAS" in env else {}))  # fmt: skip
     print(f"starting {name} on {url}...", flush=True)
     wait_ready(proc, url, args.start_timeout, log)
     return proc, url, time.perf_counter() - t0
@@ -226,6 +226,9 @@ def main() -> None:
     ap.add_argument("--start-timeout", type=float, default=900, help="seconds a server may take to be ready")
     ap.add_argument("--quick", action="store_true", help="smoke check at toy sizes (no JSON unless --out)")
     ap.add_argument("--out", type=Path, default=None, help="JSON results (default: benchmarks/results/cluster.json)")
+    ap.add_argument("--overhead-only", action="store_true", help="part 1 only (with part 3's plain and 1 replica)")
+    ap.add_argument("--ray-env", action="append", default=[], metavar="NAME=VALUE",
+                    help="an environment variable of the Ray-backed servers only (e.g. a RAY_SERVE_* option)")
     args = ap.parse_args()
     if args.quick:
         args.requests, args.concurrency, args.max_tokens, args.adapters, args.repeats = 8, 4, 8, 4, 1
@@ -239,7 +242,7 @@ def main() -> None:
         root = Path(tmp)
         write_peft_adapters(adapters, root / "adapters", base_model=model_path)
         over = overhead(args, root, root / "adapters")
-        aff = affinity(args, root, root / "adapters")
+        aff = {} if args.overhead_only else affinity(args, root, root / "adapters")
 
     plain, ray1 = over["plain"]["median"], over["ray-1"]["median"]
     print(f"\n1. Overhead: {args.requests} streaming chat requests, {args.concurrency} concurrent, {args.max_tokens} "
@@ -252,6 +255,8 @@ def main() -> None:
     print_table(["server", "tok/s", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms"], rows)
     print("tok/s ratio of each pair: " + ", ".join(f"{r:.2f}" for r in over["ratios"]))
 
+    if not aff:
+        return
     print(f"\n2. Affinity: 2 replicas, {args.zipf_adapters} adapters, {args.zipf_requests} requests Zipf(1.1), "
           f"{args.zipf_concurrency} concurrent, {args.zipf_tokens} tokens")  # fmt: skip
     print_table(["router", "hit rate", "adapters loaded per replica", "tok/s"],

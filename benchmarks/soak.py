@@ -45,11 +45,12 @@ from benchmarks.common import (  # noqa: E402
 from benchmarks.http_load import adapter_shapes  # noqa: E402
 
 
-def rss_bytes(pid: int) -> int:
+def rss_bytes(pid: int, field: str = "VmRSS") -> int:
+    """The process's resident set (or one of its parts: RssAnon, RssFile), in bytes."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS")
+    raise RuntimeError(f"no {field}")
 
 
 def request_mix(rng: random.Random, base: str, adapters: int) -> tuple[str, dict]:
@@ -113,8 +114,9 @@ async def soak(url: str, pid: int, base: str, args) -> dict:
     async def sampler() -> None:
         while time.monotonic() < end:
             samples.append((time.monotonic() - t0, rss_bytes(pid)))
-            print(f"  {samples[-1][0]:6.0f} s  {samples[-1][1] / 2**30:.3f} GiB  {done[0]} requests, "
-                  f"{len(errors)} failed", flush=True)  # fmt: skip
+            anon, file = rss_bytes(pid, "RssAnon"), rss_bytes(pid, "RssFile")  # heap and tensors / mapped files
+            print(f"  {samples[-1][0]:6.0f} s  {samples[-1][1] / 2**30:.3f} GiB (anon {anon / 2**30:.3f}, "
+                  f"file {file / 2**30:.3f})  {done[0]} requests, {len(errors)} failed", flush=True)  # fmt: skip
             await asyncio.sleep(args.sample)
 
     limits = httpx.Limits(max_connections=args.concurrency, max_keepalive_connections=args.concurrency)
@@ -140,6 +142,7 @@ def main() -> None:
     ap.add_argument("--start-timeout", type=float, default=900)
     ap.add_argument("--env", action="append", default=[], help="extra server setting, NAME=VALUE (LORAPLEX_ implied)")
     ap.add_argument("--out", type=Path, default=None, help="JSON results (default: benchmarks/results/soak.json)")
+    ap.add_argument("--log", type=Path, default=None, help="keep the server's log here")
     args = ap.parse_args()
     model_path = resolve_model_path(args.model, args.cache_dir)
     adapters = make_random_adapters(adapter_shapes(model_path), args.adapters)
@@ -163,6 +166,8 @@ def main() -> None:
             result = asyncio.run(soak(url, proc.pid, base, args))
         finally:
             stop_server(proc)
+            if args.log:
+                args.log.write_bytes(log_path.read_bytes())
     samples = result["samples"]
     settled = [rss for t, rss in samples if t >= args.settle * 60]
     level = settled[0] if settled else samples[-1][1]

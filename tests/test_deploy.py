@@ -41,6 +41,8 @@ def test_images_are_runtime_only_with_a_volume_and_a_health_check():
         final[name] = [i for i in runtime if i.startswith(("HEALTHCHECK", "VOLUME", "EXPOSE", "CMD", "COPY"))]
         env = next(i for i in runtime if i.startswith("ENV LORAPLEX_HOST"))
         assert "LORAPLEX_DATA_DIR=/data" in env and "LORAPLEX_HOST=0.0.0.0" in env
+        # the CPU image maps its caches in at start (on CUDA they are allocated whole anyway)
+        assert ("LORAPLEX_RESERVE_MEMORY=true" in env) == (name == "Dockerfile")
     assert final["Dockerfile"] == final["Dockerfile.cuda"]  # the two images agree
 
 

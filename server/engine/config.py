@@ -116,6 +116,10 @@ class CpuConfig(_Config):
     keep_freed_memory: bool = True
     """Freed memory stays in the process for reuse, one arena for all threads (faster CPU forwards and merges; the
     resident set keeps its peak)."""
+    reserve_memory: bool = False
+    """Write the KV cache, the prefix cache and the LoRA pool once at start-up, so that their memory is resident from
+    the start (the footprint at ready is the footprint under load); else their pages are mapped in as they first
+    fill, and the resident set grows towards the same size with traffic."""
     threads: int | None = Field(None, ge=1)
     """Torch intra-op threads for the engine (default: torch's choice)."""
     trim_interval: float = Field(10.0, ge=0)

@@ -31,6 +31,8 @@ from server.engine.scheduler import Scheduler, Sequence
 from server.engine.text import TextStream
 
 log = logging.getLogger(__name__)
+RESERVED = {"loraplex_k", "loraplex_v", "loraplex_prefix_k", "loraplex_prefix_v", "lora_A", "lora_B"}
+"""The preallocated buffers by name (`SlotKVCache`, `PrefixCache`, `MultiLoraLinear`)."""
 
 
 class Engine:
@@ -52,6 +54,8 @@ class Engine:
         eos = {base.tokenizer.eos_token_id} | set(gen_eos if isinstance(gen_eos, list) else [gen_eos])
         blocks = config.prefix_cache_tokens // BLOCK_SIZE if config.prefix_caching else 0
         self.prefix = PrefixCache(self.runner.cache, blocks, BLOCK_SIZE) if blocks else None
+        if config.reserve_memory:
+            self.reserve_memory()
         self.scheduler = Scheduler(config, self.runner.pool, self.runner.cache, self.prefix)
         self.outputs = OutputProcessor(sorted(e for e in eos if e is not None), self.max_len, self.runner.buffers)
 
@@ -65,6 +69,16 @@ class Engine:
         self.alive = False
         self.prompt_tokens = 0  # read by the metrics
         self._warm_progress: Callable[[int, int], None] = lambda done, total: None
+
+    def reserve_memory(self) -> int:
+        """Write every byte of the preallocated buffers (KV cache, prefix cache, LoRA pool: zeros that the CPU maps
+        in only as they are first written, `adapters.cpu.allocator.lazy_zeros`); their bytes."""
+        reserved = [b for name, b in self.base.model.named_buffers() if name.rsplit(".", 1)[-1] in RESERVED]
+        for b in reserved:
+            b.zero_()
+        total = sum(b.numel() * b.element_size() for b in reserved)
+        log.info("reserved %.2f GiB: KV cache, prefix cache, LoRA pool", total / 2**30)
+        return total
 
     # ---- outside world (any thread) -------------------------------------------------------
 

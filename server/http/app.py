@@ -11,6 +11,7 @@ body is read (`server.http.auth`).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -159,6 +160,7 @@ def build_app(settings: Settings, start: Callable[[AppState], None], store: Adap
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        state.loop = asyncio.get_running_loop()
         loader = threading.Thread(target=start, args=(state,), name="loraplex-loader", daemon=True)
         loader.start()
         job_service.supervisor.start()

@@ -7,6 +7,7 @@ the model is loaded and while draining); the API key and its scopes are `server.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Annotated
@@ -45,6 +46,8 @@ class AppState:
     the background), then ready or failed."""
     on_load_failure: Callable[[], None] | None = None
     """Called when start-up fails (`loraplex serve`: stop the server, exit non-zero)."""
+    loop: asyncio.AbstractEventLoop | None = None
+    """The server's event loop, for start-up code (in its own thread) that must run a coroutine there."""
     skipped: dict[str, str] = field(default_factory=dict)
     """Adapters not registered at start-up: {name: why} (a corrupt stored adapter, an invalid directory)."""
     # filled in once the model is loaded

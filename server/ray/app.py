@@ -19,6 +19,7 @@ import os
 import signal
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,8 @@ from server.settings import Settings
 
 log = logging.getLogger(__name__)
 APP_NAME = "loraplex"
+SERVE_THROUGHPUT_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
+"""Ray Serve's throughput-optimized mode (`ClusterConfig.serve_throughput_optimized`), less its direct ingress."""
 
 
 def store_uri(settings: Settings) -> str:
@@ -122,7 +125,8 @@ def start(settings: Settings, timeout: float = 900.0, **ray_options: Any) -> Clu
         declared = (settings.max_replicas or settings.replicas or 1) * settings.replica_num_cpus + settings.job_num_cpus
         ray_options = {"num_cpus": max(os.cpu_count() or 1, int(declared + 0.999)), "include_dashboard": False,
                        } | ray_options  # fmt: skip
-        ray.init(address="local", **ray_options)
+        with environment(SERVE_THROUGHPUT_ENV if settings.serve_throughput_optimized else {}):
+            ray.init(address="local", **ray_options)  # Ray's processes, Serve's among them, inherit the variables
     else:
         ray.init(**ray_options)
     try:
@@ -138,6 +142,18 @@ def start(settings: Settings, timeout: float = 900.0, **ray_options: Any) -> Clu
     except BaseException:
         Cluster("", owns).stop()
         raise
+
+
+@contextmanager
+def environment(variables: dict[str, str]):
+    """`variables` in this process's environment (those the user set win), as they were again afterwards."""
+    added = {k: v for k, v in variables.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
 
 
 def _ready_status(url: str) -> int:

@@ -32,6 +32,11 @@ class ClusterConfig(BaseModel):
     adapter_affinity: bool = True
     """Route each request to a replica that holds its adapter (Serve's multiplexed model ids); off: Serve's default
     router (by queue length only)."""
+    serve_throughput_optimized: bool = True
+    """A local Ray instance that `--replicas` starts runs Ray Serve's throughput-optimized mode
+    (RAY_SERVE_THROUGHPUT_OPTIMIZED: gRPC between deployments, user code and router on each replica's event loop,
+    the garbage collector frozen after start-up; its direct ingress off: requests come in through Serve's proxy on
+    --port). A cluster in RAY_ADDRESS keeps its own (set those variables where it starts)."""
     max_adapters_per_replica: int | None = Field(None, ge=1)
     """Adapters (or adapter sets) one replica keeps loaded for routing; default: what its LoRA pool holds at
     max_lora_rank."""

@@ -24,11 +24,11 @@ from adapters.tiers.registry import AdapterNotFound, AdapterRegistry
 from server.engine.async_engine import AsyncEngine, Overloaded
 from server.engine.config import CpuConfig, EngineConfig
 from server.engine.engine import Engine
-from server.engine.model import load_base_model, pick_device
+from server.engine.model import BaseModel, load_base_model, pick_device
 from server.engine.platform import configure_process
 from server.engine.request import AdapterUse, RequestOutput
 from server.engine.sampling import SamplingParams
-from server.engine.threads import in_thread
+from server.engine.threads import in_thread, run_in_thread
 from server.http.engine_client import LocalEngine
 from server.ray.store import SharedStore, parse_version_id
 from server.settings import Settings
@@ -166,14 +166,14 @@ class EngineReplica:
         """`capacity`: how many multiplexed ids (adapters or adapter sets) this replica keeps loaded."""
         configure_process(settings.section(CpuConfig), pick_device(settings.device))
         s = settings
-        self.base = load_base_model(s.model, cache_dir=s.model_cache_dir, device=s.device, dtype=s.dtype,
-                                    max_model_len=s.max_model_len)  # fmt: skip
-        self.engine = engine = Engine(self.base, s.section(EngineConfig))
+        # the torch work of start-up in a thread that ends with it (`server.engine.threads`): Serve's thread that
+        # runs this constructor lives on, and an OpenMP team left with it would slow every decode step
+        self.base, self.engine = run_in_thread(self._build_engine, s)
+        engine = self.engine
         self.max_rank = s.max_lora_rank
         prepare = engine.pool.prepare
         registry = AdapterRegistry(host_bytes=s.host_adapter_bytes, loader=lambda path: prepare(load_peft_adapter(path)))
         self.adapters = ReplicaAdapters(SharedStore(store_uri, s.model_cache_dir / "store"), registry, engine)
-        engine.warmup()
         engine.start()
         self.client = LocalEngine(AsyncEngine(engine, s.max_waiting))
         self.replica = serve.get_replica_context().replica_id.unique_id
@@ -186,6 +186,15 @@ class EngineReplica:
 
         self._load = serve.multiplexed(max_num_models_per_replica=capacity)(load)
         log.info("engine replica %s ready: %s on %s", self.replica, self.base.model_id, self.base.device)
+
+    @staticmethod
+    def _build_engine(s: Settings) -> tuple[BaseModel, Engine]:
+        """The model loaded, its engine built and warmed (every compiled graph made)."""
+        base = load_base_model(s.model, cache_dir=s.model_cache_dir, device=s.device, dtype=s.dtype,
+                               max_model_len=s.max_model_len)  # fmt: skip
+        engine = Engine(base, s.section(EngineConfig))
+        engine.warmup()
+        return base, engine
 
     def describe(self) -> ModelCard:
         return ModelCard(self.base.model_id, self.base.tokenizer, self.engine.max_len, self.engine.layer_shapes(),

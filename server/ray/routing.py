@@ -22,7 +22,7 @@ from adapters.tiers.registry import AdapterNotFound
 from server.engine.async_engine import Overloaded
 from server.engine.request import AdapterUse, RequestOutput
 from server.engine.sampling import SamplingParams
-from server.ray.replica import AdapterRef, Refused, Started, failed_outputs, set_id
+from server.ray.replica import AdapterRef, ModelCard, Refused, Started, failed_outputs, set_id
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,10 @@ class RemoteEngine:
         self.handle = handle.options(stream=True)
         self.max_waiting = max_waiting
         self.affinity, self.on_retry = affinity, on_retry
+
+    async def describe(self) -> ModelCard:
+        """The model's card, from any engine replica."""
+        return await self.handle.options(stream=False).describe.remote()
 
     def stop(self) -> None:
         """Nothing of the engines' to stop here: Serve owns the replicas."""

@@ -4,6 +4,7 @@ No cluster here: building an application only describes it."""
 
 from __future__ import annotations
 
+import os
 import sys
 
 import pytest
@@ -15,7 +16,14 @@ from server.settings import Settings
 
 pytest.importorskip("ray")
 
-from server.ray.app import build_app, engine_options, replica_capacity, resolved  # noqa: E402
+from server.ray.app import (  # noqa: E402
+    SERVE_THROUGHPUT_ENV,
+    build_app,
+    engine_options,
+    environment,
+    replica_capacity,
+    resolved,
+)
 from server.ray.replica import AdapterRef, set_id  # noqa: E402
 
 
@@ -82,3 +90,11 @@ def test_the_example_serve_config_is_valid():
     (application,) = config["applications"]
     assert application["import_path"] == "server.ray.app:build"
     assert Settings(**application["args"]).clustered  # every arg is a setting loraplex knows
+
+
+def test_the_serve_mode_variables_are_set_for_ray_init_only_where_the_user_set_none(monkeypatch):
+    monkeypatch.delenv("RAY_SERVE_THROUGHPUT_OPTIMIZED", raising=False)
+    monkeypatch.setenv("RAY_SERVE_ENABLE_DIRECT_INGRESS", "1")  # the user's choice
+    with environment(SERVE_THROUGHPUT_ENV):
+        assert os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1" and os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "1"
+    assert "RAY_SERVE_THROUGHPUT_OPTIMIZED" not in os.environ and os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "1"

@@ -176,6 +176,33 @@ def test_every_response_names_its_replica(rh):
     assert rh.get("/health/ready").json()["status"] == "ready"
 
 
+def test_serve_runs_its_throughput_optimized_mode(cluster, rh):
+    """The local Ray instance `loraplex serve --replicas` started: every Serve process (controller, proxy, ingress,
+    engine replicas) has Ray Serve's throughput-optimized mode, less the direct ingress."""
+    serve_processes = [pid for pid in descendants(cluster.process.pid)
+                       if re.match(rb"ray::(ServeController|ProxyActor|ServeReplica)", Path(f"/proc/{pid}/cmdline").read_bytes())]  # fmt: skip
+    assert len(serve_processes) >= 5  # the controller, a proxy, the ingress and two engine replicas
+    for pid in serve_processes:
+        env = dict(v.split(b"=", 1) for v in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if b"=" in v)
+        assert (env.get(b"RAY_SERVE_THROUGHPUT_OPTIMIZED"), env.get(b"RAY_SERVE_ENABLE_DIRECT_INGRESS")) == (b"1", b"0")
+    assert text(chat(rh, "alpha"))  # and it serves
+
+
+def descendants(root: int) -> list[int]:
+    """The processes below `root`, alive now."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            children.setdefault(int(stat.read_text().rsplit(")", 1)[1].split()[1]), []).append(int(stat.parent.name))
+        except (OSError, IndexError):
+            continue
+    out, todo = [], list(children.get(root, []))
+    while todo:
+        out.append(pid := todo.pop())
+        todo += children.get(pid, [])
+    return out
+
+
 def test_adapter_affine_routing(rh, llama_dir, tmp_path):
     names = [f"zipf{i}" for i in range(8)]
     for i, name in enumerate(names):
