@@ -178,13 +178,15 @@ def test_every_response_names_its_replica(rh):
 
 def test_serve_runs_its_throughput_optimized_mode(cluster, rh):
     """The local Ray instance `loraplex serve --replicas` started: every Serve process (controller, proxy, ingress,
-    engine replicas) has Ray Serve's throughput-optimized mode, less the direct ingress."""
+    engine replicas) has Ray Serve's throughput-optimized mode, less the direct ingress, at the niceness of any other
+    process."""
     serve_processes = [pid for pid in descendants(cluster.process.pid)
                        if re.match(rb"ray::(ServeController|ProxyActor|ServeReplica)", Path(f"/proc/{pid}/cmdline").read_bytes())]  # fmt: skip
     assert len(serve_processes) >= 5  # the controller, a proxy, the ingress and two engine replicas
     for pid in serve_processes:
         env = dict(v.split(b"=", 1) for v in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if b"=" in v)
         assert (env.get(b"RAY_SERVE_THROUGHPUT_OPTIMIZED"), env.get(b"RAY_SERVE_ENABLE_DIRECT_INGRESS")) == (b"1", b"0")
+        assert os.getpriority(os.PRIO_PROCESS, pid) == 0  # not Ray's default niceness of workers (15)
     assert text(chat(rh, "alpha"))  # and it serves
 
 
