@@ -41,7 +41,7 @@ def start_ingress(state: AppState, engine: RemoteEngine, timeout: float = 600.0)
         deadline = time.monotonic() + timeout
         while True:  # Serve starts the ingress with the engine replicas: the first may still be loading
             try:
-                # on the replica's event loop: with Serve's router there (RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0,
+                # on the ingress's event loop: with Serve's router there (RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0,
                 # part of RAY_SERVE_THROUGHPUT_OPTIMIZED) a call waited on from this thread would never be sent
                 call = asyncio.wait_for(engine.describe(), 30)
                 card = asyncio.run_coroutine_threadsafe(call, state.loop).result()
