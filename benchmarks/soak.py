@@ -45,12 +45,10 @@ from benchmarks.common import (  # noqa: E402
 from benchmarks.http_load import adapter_shapes  # noqa: E402
 
 
-def rss_bytes(pid: int, field: str = "VmRSS") -> int:
-    """The process's resident set (or one of its parts: RssAnon, RssFile), in bytes."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field}")
+def resident(pid: int) -> dict[str, int]:
+    """The process's resident set (VmRSS) and its parts (RssAnon: heap and tensors, RssFile: mapped files), bytes."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    return {k: int(fields[k].split()[0]) * 1024 for k in ("VmRSS", "RssAnon", "RssFile")}
 
 
 def request_mix(rng: random.Random, base: str, adapters: int) -> tuple[str, dict]:
@@ -113,10 +111,10 @@ async def soak(url: str, pid: int, base: str, args) -> dict:
 
     async def sampler() -> None:
         while time.monotonic() < end:
-            samples.append((time.monotonic() - t0, rss_bytes(pid)))
-            anon, file = rss_bytes(pid, "RssAnon"), rss_bytes(pid, "RssFile")  # heap and tensors / mapped files
-            print(f"  {samples[-1][0]:6.0f} s  {samples[-1][1] / 2**30:.3f} GiB (anon {anon / 2**30:.3f}, "
-                  f"file {file / 2**30:.3f})  {done[0]} requests, {len(errors)} failed", flush=True)  # fmt: skip
+            r = resident(pid)
+            samples.append((time.monotonic() - t0, r["VmRSS"]))
+            print(f"  {samples[-1][0]:6.0f} s  {r['VmRSS'] / 2**30:.3f} GiB (anon {r['RssAnon'] / 2**30:.3f}, "
+                  f"file {r['RssFile'] / 2**30:.3f})  {done[0]} requests, {len(errors)} failed", flush=True)  # fmt: skip
             await asyncio.sleep(args.sample)
 
     limits = httpx.Limits(max_connections=args.concurrency, max_keepalive_connections=args.concurrency)
@@ -160,7 +158,7 @@ def main() -> None:
         try:
             wait_ready(proc, url, args.start_timeout, log_path)
             base = next(m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"] if m["parent"] is None)
-            ready_rss = rss_bytes(proc.pid)
+            ready_rss = resident(proc.pid)["VmRSS"]
             print(f"ready at {ready_rss / 2**30:.3f} GiB; {args.minutes:g} minutes, {args.concurrency} concurrent",
                   flush=True)  # fmt: skip
             result = asyncio.run(soak(url, proc.pid, base, args))

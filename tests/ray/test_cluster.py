@@ -27,6 +27,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from benchmarks.cluster import process_tree
 from tests.live import tiny_settings
 from tests.server.jobs.test_jobs import TRAIN
 from tests.tiny import make_peft_adapter
@@ -180,7 +181,7 @@ def test_serve_runs_its_throughput_optimized_mode(cluster, rh):
     """The local Ray instance `loraplex serve --replicas` started: every Serve process (controller, proxy, ingress,
     engine replicas) has Ray Serve's throughput-optimized mode, less the direct ingress, at the niceness of any other
     process."""
-    serve_processes = [pid for pid in descendants(cluster.process.pid)
+    serve_processes = [pid for pid in process_tree(cluster.process.pid)
                        if re.match(rb"ray::(ServeController|ProxyActor|ServeReplica)", Path(f"/proc/{pid}/cmdline").read_bytes())]  # fmt: skip
     assert len(serve_processes) >= 5  # the controller, a proxy, the ingress and two engine replicas
     for pid in serve_processes:
@@ -188,21 +189,6 @@ def test_serve_runs_its_throughput_optimized_mode(cluster, rh):
         assert (env.get(b"RAY_SERVE_THROUGHPUT_OPTIMIZED"), env.get(b"RAY_SERVE_ENABLE_DIRECT_INGRESS")) == (b"1", b"0")
         assert os.getpriority(os.PRIO_PROCESS, pid) == 0  # not Ray's default niceness of workers (15)
     assert text(chat(rh, "alpha"))  # and it serves
-
-
-def descendants(root: int) -> list[int]:
-    """The processes below `root`, alive now."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            children.setdefault(int(stat.read_text().rsplit(")", 1)[1].split()[1]), []).append(int(stat.parent.name))
-        except (OSError, IndexError):
-            continue
-    out, todo = [], list(children.get(root, []))
-    while todo:
-        out.append(pid := todo.pop())
-        todo += children.get(pid, [])
-    return out
 
 
 def test_adapter_affine_routing(rh, llama_dir, tmp_path):
