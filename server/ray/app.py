@@ -9,7 +9,7 @@
 
 `max_ongoing_requests` of an engine replica is what its engine takes: its running batch plus its queue (not Serve's
 default of 5). The multiplexed capacity of a replica (`@serve.multiplexed`) is what its LoRA pool holds at
-`max_lora_rank`.
+`max_lora_rank`; requests reach the replicas through `server.ray.routing.AdapterAffinityRouter`.
 """
 
 from __future__ import annotations
@@ -28,10 +28,12 @@ import httpx
 import ray
 from ray import serve
 from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
 
 from server.engine.model import DEFAULT_MODEL_ID
 from server.ray.ingress import Ingress
 from server.ray.replica import EngineReplica
+from server.ray.routing import AdapterAffinityRouter
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -77,6 +79,7 @@ def engine_options(settings: Settings) -> dict[str, Any]:
         "name": "LoraplexEngine", "max_ongoing_requests": s.max_num_seqs + s.max_waiting,  # its batch and its queue
         "ray_actor_options": {"num_cpus": s.replica_num_cpus, "num_gpus": s.replica_num_gpus},
         "graceful_shutdown_timeout_s": s.drain_timeout, "health_check_period_s": 2,
+        "request_router_config": RequestRouterConfig(request_router_class=AdapterAffinityRouter),
     }  # fmt: skip
     if s.max_replicas is None:
         return options | {"num_replicas": s.replicas or 1}

@@ -30,8 +30,8 @@ class ClusterConfig(BaseModel):
     """Where replicas read adapters: a directory every node mounts, or an fsspec URI (e.g. s3://bucket/adapters);
     default: <data_dir>/adapters."""
     adapter_affinity: bool = True
-    """Route each request to a replica that holds its adapter (Serve's multiplexed model ids); off: Serve's default
-    router (by queue length only)."""
+    """Route each request to a replica that holds its adapter (Serve's multiplexed model ids, `AdapterAffinityRouter`);
+    off: by queue length only (the less loaded of two random replicas, as Serve's default router)."""
     serve_throughput_optimized: bool = True
     """A local Ray instance that `--replicas` starts runs Ray Serve's throughput-optimized mode
     (RAY_SERVE_THROUGHPUT_OPTIMIZED: gRPC between deployments, user code and router on each replica's event loop,

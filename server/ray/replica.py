@@ -5,8 +5,9 @@ running, so a replica still loading gets no traffic; `check_health` reports the 
 one HTTP request's choices, which join the engine's running batch whatever their adapters (no `@serve.batch`: it
 would split batches by model id). Adapters are named by version id (`server.ray.store`). A request's multiplexed
 model id is its adapter's version id, or the id of its set for a composition (`set_id`); `@serve.multiplexed` keeps as
-many of them loaded as the replica's LoRA pool holds and tells Serve's router which replica holds which, so a
-request goes to a replica that has its adapter (Ray Serve LLM routes multi-LoRA requests the same way).
+many of them loaded as the replica's LoRA pool holds and reports which it holds, so a request goes to a replica
+that has its adapter (Ray Serve LLM routes multi-LoRA requests the same way; `server.ray.routing.AdapterAffinityRouter`
+also remembers where it placed an adapter until the replica's report arrives).
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ from server.ray.app import (  # noqa: E402
     resolved,
 )
 from server.ray.replica import AdapterRef, set_id  # noqa: E402
+from server.ray.routing import AdapterAffinityRouter  # noqa: E402
 
 
 def test_engine_options_follow_the_settings(tmp_path):
@@ -33,6 +34,7 @@ def test_engine_options_follow_the_settings(tmp_path):
     assert fixed["num_replicas"] == 3 and "autoscaling_config" not in fixed
     assert fixed["max_ongoing_requests"] == 116  # the engine's batch and queue, not Serve's default of 5
     assert fixed["ray_actor_options"] == {"num_cpus": 2, "num_gpus": 1}
+    assert fixed["request_router_config"].request_router_class == f"{AdapterAffinityRouter.__module__}.AdapterAffinityRouter"
     scaled = engine_options(Settings(data_dir=tmp_path, min_replicas=1, max_replicas=4, target_ongoing_requests=12))
     assert scaled["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 12}
     assert "num_replicas" not in scaled
