@@ -21,7 +21,7 @@ from torch import nn
 
 from adapters.cpu.allocator import lazy_zeros
 from adapters.cpu.onednn import linear_for
-from adapters.ops import lora_gathered, lora_grouped, lora_segmented
+from adapters.ops import lora_gathered, lora_gathered_in_order, lora_grouped, lora_segmented
 from adapters.targets import adaptable_layers, layer_shape, wrap_layers
 
 
@@ -33,7 +33,9 @@ class LoraMapping:
       - "segmented": one row per sequence whose tokens are consecutive segments of equal length (prefill), a single
         row when every sequence applies the same pages;
       - "grouped": one row per distinct set of pages, `slots` / `inverse` saying which tokens apply it (decode,
-        several rows per adapter).
+        several rows per adapter);
+      - "sorted": one row per token, as "gathered", in the order `slots` (N,) (each adapter's tokens together),
+        `inverse` its inverse permutation (decode, several rows per adapter, where grouping does not pay).
     It holds tensors, not callables, so a compiled forward sees the same code every step.
     """
 
@@ -90,6 +92,8 @@ class MultiLoraLinear(nn.Module):
             delta = lora_segmented(x2, self.lora_A, self.lora_B, m.pages, m.weights, self.lora_linear)
         elif m.mode == "grouped":
             delta = lora_grouped(x2, self.lora_A, self.lora_B, m.pages, m.weights, m.slots, m.inverse)
+        elif m.mode == "sorted":
+            delta = lora_gathered_in_order(x2, self.lora_A, self.lora_B, m.pages, m.weights, m.slots, m.inverse)
         else:
             delta = lora_gathered(x2, self.lora_A, self.lora_B, m.pages, m.weights)
         return y + delta.view(y.shape).to(y.dtype)

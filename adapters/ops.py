@@ -18,7 +18,8 @@ The pages may be stored in a narrower dtype than x (bf16 pages halve the bytes a
 `lora_reference` is that loop and the spec every fast path is tested against. The fast paths: `lora_gathered`
 (every token gathers its own pages: decode, all rows different), `lora_segmented` (equal runs of tokens share
 pages: prefill; one run for everything when all share them), `lora_grouped` (rows that share pages are grouped,
-so each distinct set of pages is read once: decode with several rows per adapter, Punica's SGMV / S-LoRA). `lora_linear` is the
+so each distinct set of pages is read once: decode with several rows per adapter, Punica's SGMV / S-LoRA),
+`lora_gathered_in_order` (gathered over the rows taken adapter by adapter, where grouping does not pay). `lora_linear` is the
 single-adapter term a trainer differentiates through (loralib's one-line forward): every token on
 one adapter, A (r, in), B (out, r), its scale applied once:
     for each token i: out[i] = scaling · (x[i] @ lora_A.T) @ lora_B.T
@@ -56,6 +57,24 @@ def lora_gathered(
     # xa: (N, K, G) — each token projected into its adapters' rank space
     xa = (lora_A[pages].to(x.dtype) * x[:, None, None, :]).sum(-1) * weights
     return (lora_B[pages].to(x.dtype) * xa[..., None]).sum((1, 2))
+
+
+def lora_gathered_in_order(
+    x: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    pages: torch.Tensor,
+    weights: torch.Tensor,
+    order: torch.Tensor,
+    inverse: torch.Tensor,
+) -> torch.Tensor:
+    """`lora_gathered` over the rows of x taken in `order` (N,), with pages and weights given in that order; the
+    result in x's order (`inverse`: the inverse permutation of `order`).
+
+    With `order` putting each adapter's rows next to each other, each row after an adapter's first finds its pages
+    in cache: the pages stream from memory once per adapter rather than once per row.
+    """
+    return lora_gathered(x[order], lora_A, lora_B, pages, weights)[inverse]
 
 
 def lora_segmented(

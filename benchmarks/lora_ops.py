@@ -7,7 +7,9 @@ can compute it run interleaved, `--repeats` rounds, every op once per round; the
   Punica's BGMV) against `lora_grouped` (each adapter's pages read once for its rows, S-LoRA/Punica's grouping) and,
   all rows on one adapter, `lora_segmented` (two plain GEMMs). With decode grouping on, the engine groups a decode
   step when rows outnumber their page sets two to one (`ModelRunner._stage_lora`); `decode_grouping=auto` leaves it
-  off for the compiled backend on the CPU, where this table shows the gathered op the faster at every shape.
+  off for the compiled backend on the CPU, where this table shows the gathered op the faster at every shape (the
+  engine then gathers over the rows adapter by adapter: each adapter's pages come from memory once per step, which a
+  table of ops on hot caches cannot show; see RESULTS.md, 64 rows).
 - prefill: n prompts of T tokens over u adapters: `lora_segmented` (each prompt's pages read once for its T tokens)
   against `lora_grouped` over the prompts' tokens. The engine's prefill stays segmented.
 

@@ -77,8 +77,9 @@ class LoraConfig(_Config):
     """compiled (decoder layers compiled by torch.compile, LoRA kernels fused in) or eager."""
     decode_grouping: Literal["auto", "on", "off"] = "auto"
     """Decode steps whose rows share adapters: on, one LoRA shrink/expand per distinct adapter (segmented / grouped,
-    Punica's SGMV); off, one per row (gathered, Punica's BGMV). auto: on, except with the compiled backend on the
-    CPU, where the fused gathered kernel is the faster at every decode shape measured (benchmarks/lora_ops.py)."""
+    Punica's SGMV); off, one per row (gathered, Punica's BGMV), the rows taken adapter by adapter so that each
+    adapter's pages come from memory once. auto: on, except with the compiled backend on the CPU, where the fused
+    gathered kernel is the faster at every decode shape measured (benchmarks/lora_ops.py)."""
     compile_in_background: bool = True
     """compiled backend: be ready at once, serving eagerly, and compile the decoder layer's graphs while the engine
     is idle (off: compile them all before /health/ready)."""

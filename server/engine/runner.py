@@ -83,7 +83,7 @@ class ModelRunner:
             "ids": (torch.long, (rows,)), "positions": (torch.long, (rows,)), "cache_rows": (torch.long, (rows,)),
             "lengths": (torch.long, (rows,)), "pages": (torch.long, (rows, self.max_pages)),
             "page_weights": (torch.float32, (rows, self.max_pages)),
-            "slots": (torch.long, (rows, rows)), "inverse": (torch.long, (rows,)),
+            "slots": (torch.long, (rows, rows)), "inverse": (torch.long, (rows,)), "order": (torch.long, (rows,)),
             "temperature": (torch.float32, (rows,)), "top_p": (torch.float32, (rows,)),
         }, base.device)  # fmt: skip
         self.pad_batches = config.cuda_graphs  # padding buys nothing without captured graphs
@@ -158,9 +158,10 @@ class ModelRunner:
                         yield partial(self._warm_prefill, n, t, pages, segments)
                 for kv in self._warm_kv:  # decode steps, every row its own pages
                     yield partial(self._warm_decode, n, kv, ("gathered", pages, 0, 0) if pages else ("none", 0, 0, 0))
-                if pages and n > 1 and self.group_decode:  # decode steps of rows on the same pages (_stage_lora)
+                if pages and n > 1:  # decode steps of rows on the same pages, or sharing them (_stage_lora)
                     for kv in self._warm_kv:
-                        yield partial(self._warm_decode, n, kv, ("segmented", pages, 1, 0))
+                        yield partial(self._warm_decode, n, kv, ("segmented", pages, 1, 0) if self.group_decode
+                                      else ("sorted", pages, 0, 0))  # fmt: skip
             for u, m in ((1, 2), (2, 2), (2, 3)) if pages and self.group_decode else ():  # rows sharing their pages,
                 for n in (u * m, u * m + 1):  # with and without rows outside the groups
                     if n <= self.config.max_num_seqs:
@@ -192,8 +193,10 @@ class ModelRunner:
         host = self.buffers.write()
         host["ids"][:n], host["positions"][:n], host["cache_rows"][:n] = self.pad_id, kv - 1, np.arange(n)
         host["lengths"][:n], host["pages"][:n], host["page_weights"][:n] = kv, 0, 0.0
-        _, _, u, m = lora
+        mode, _, u, m = lora
         host["slots"][:u, :m], host["inverse"][:n] = np.arange(u * m).reshape(u, m), np.minimum(np.arange(n), u * m)
+        if mode == "sorted":
+            host["order"][:n] = host["inverse"][:n] = np.arange(n)
         self.buffers.upload()
         self._decode_forward(n, kv, lora, frozenset())
 
@@ -273,6 +276,9 @@ class ModelRunner:
         elif mode == "grouped":
             self._set_mapping((d["pages"][:u, :k], d["page_weights"][:u, :k]), keys, mode, d["slots"][:u, :m],
                               d["inverse"][:b])  # fmt: skip
+        elif mode == "sorted":
+            self._set_mapping((d["pages"][:b, :k], d["page_weights"][:b, :k]), keys, mode, d["order"][:b],
+                              d["inverse"][:b])  # fmt: skip
         try:
             return self._logits(self._forward(d["ids"][:b, None], positions)[:, -1])
         finally:
@@ -335,20 +341,30 @@ class ModelRunner:
                     ) -> tuple[tuple[str, int, int, int], frozenset[int]]:  # fmt: skip
         """Stage a decode step's LoRA operands for rows 0..b-1, the op chosen by how rows share pages: every row on
         the same pages, one segment (two plain GEMMs); rows sharing pages two or more to a set, grouped (each set
-        read once); else, or without `group_decode`, gathered per row. Returns (mode, pages per row, groups, rows per
-        group) and the keys."""
+        read once); else, or without `group_decode`, gathered per row: in the order of their pages (each set's rows
+        together, "sorted") where several sets are shared two or more rows to a set. Returns (mode, pages per row,
+        groups, rows per group) and the keys."""
         rows = self._rows(adapters)
         users = [i for i, r in enumerate(rows) if r]
         if not users:
             return ("none", 0, 0, 0), frozenset()  # base rows only (or only the merged adapter's)
         k = _bucket(max(sum(len(p) for p, _ in rows[i]) for i in users))
-        sets: dict[tuple, list[int]] = {}  # rows by the pages they apply (only looked for when grouping)
-        for i in users if self.group_decode else ():
+        sets: dict[tuple, list[int]] = {}  # rows by the pages they apply
+        for i in users:
             sets.setdefault(tuple(rows[i]), []).append(i)
         pad = _bucket if self.graphs is not None else (lambda x: x)
-        if len(sets) == 1 and len(users) == len(rows) > 1:
+        shared = len(users) >= 2 * len(sets)
+        if not self.group_decode:
+            if not shared or len(sets) == 1:  # all different, or all alike: the order changes nothing
+                mode, table, u, m = "gathered", rows, 0, 0
+            else:
+                order = [i for members in sets.values() for i in members]
+                order += [i for i in range(b) if i >= len(rows) or not rows[i]]  # base rows, then padding
+                host["order"][:b], host["inverse"][order] = order, np.arange(b)
+                mode, table, u, m = "sorted", [rows[i] for i in order[: len(rows)]], 0, 0
+        elif len(sets) == 1 and len(users) == len(rows) > 1:
             mode, table, u, m = "segmented", [list(next(iter(sets)))], 1, 0
-        elif sets and len(users) >= 2 * len(sets):
+        elif shared:
             mode, table = "grouped", [list(s) for s in sets]
             u, m = pad(len(sets)), pad(max(map(len, sets.values())))
             host["slots"][:u, :m], host["inverse"][:b] = b, u * m  # padding: the zero row in, no term out

@@ -111,7 +111,9 @@ class Scheduler:
                 continue
             longest = max(longest, n)
             new.append(seq)
-        new.sort(key=lambda s: bool(s.prefix))  # cold prompts first: they prefill from position 0 together
+        # cold prompts first (they prefill from position 0 together), each adapter's next to each other (rows in
+        # that order: a prefill or decode op reading one adapter's pages for several rows finds them in cache)
+        new.sort(key=lambda s: (bool(s.prefix), [(u.adapter.key, u.weight) for u in s.req.adapters]))
         return new, refused
 
     def start(self, new: list[Sequence]) -> int:
