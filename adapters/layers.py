@@ -29,13 +29,12 @@ class LoraMapping:
     """Which pool pages the tokens of the next forward pass apply; shared by every MultiLoraLinear of a model.
 
     `pages` (R, K) and `weights` (R, K, G) as in adapters.ops, rows by `mode`:
-      - "gathered": one row per token (decode, every row its own pages);
+      - "gathered": one row per token (decode, every row its own pages), taken in the order `slots` (N,) if given
+        (each adapter's tokens together), `inverse` its inverse permutation;
       - "segmented": one row per sequence whose tokens are consecutive segments of equal length (prefill), a single
         row when every sequence applies the same pages;
       - "grouped": one row per distinct set of pages, `slots` / `inverse` saying which tokens apply it (decode,
-        several rows per adapter);
-      - "sorted": one row per token, as "gathered", in the order `slots` (N,) (each adapter's tokens together),
-        `inverse` its inverse permutation (decode, several rows per adapter, where grouping does not pay).
+        several rows per adapter).
     It holds tensors, not callables, so a compiled forward sees the same code every step.
     """
 
@@ -92,7 +91,7 @@ class MultiLoraLinear(nn.Module):
             delta = lora_segmented(x2, self.lora_A, self.lora_B, m.pages, m.weights, self.lora_linear)
         elif m.mode == "grouped":
             delta = lora_grouped(x2, self.lora_A, self.lora_B, m.pages, m.weights, m.slots, m.inverse)
-        elif m.mode == "sorted":
+        elif m.slots is not None:
             delta = lora_gathered_in_order(x2, self.lora_A, self.lora_B, m.pages, m.weights, m.slots, m.inverse)
         else:
             delta = lora_gathered(x2, self.lora_A, self.lora_B, m.pages, m.weights)

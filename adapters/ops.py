@@ -19,9 +19,9 @@ The pages may be stored in a narrower dtype than x (bf16 pages halve the bytes a
 (every token gathers its own pages: decode, all rows different), `lora_segmented` (equal runs of tokens share
 pages: prefill; one run for everything when all share them), `lora_grouped` (rows that share pages are grouped,
 so each distinct set of pages is read once: decode with several rows per adapter, Punica's SGMV / S-LoRA),
-`lora_gathered_in_order` (gathered over the rows taken adapter by adapter, where grouping does not pay). `lora_linear` is the
-single-adapter term a trainer differentiates through (loralib's one-line forward): every token on
-one adapter, A (r, in), B (out, r), its scale applied once:
+`lora_gathered_in_order` (gathered over the rows taken adapter by adapter, where grouping does not pay).
+`lora_linear` is the single-adapter term a trainer differentiates through (loralib's one-line forward): every token
+on one adapter, A (r, in), B (out, r), its scale applied once:
     for each token i: out[i] = scaling · (x[i] @ lora_A.T) @ lora_B.T
 which is `lora_reference` with one page set of A rows, Bᵀ rows times `scaling`, and weights 1.
 """

@@ -158,10 +158,9 @@ class ModelRunner:
                         yield partial(self._warm_prefill, n, t, pages, segments)
                 for kv in self._warm_kv:  # decode steps, every row its own pages
                     yield partial(self._warm_decode, n, kv, ("gathered", pages, 0, 0) if pages else ("none", 0, 0, 0))
-                if pages and n > 1:  # decode steps of rows on the same pages, or sharing them (_stage_lora)
+                if pages and n > 1 and self.group_decode:  # decode steps of rows on the same pages (_stage_lora)
                     for kv in self._warm_kv:
-                        yield partial(self._warm_decode, n, kv, ("segmented", pages, 1, 0) if self.group_decode
-                                      else ("sorted", pages, 0, 0))  # fmt: skip
+                        yield partial(self._warm_decode, n, kv, ("segmented", pages, 1, 0))
             for u, m in ((1, 2), (2, 2), (2, 3)) if pages and self.group_decode else ():  # rows sharing their pages,
                 for n in (u * m, u * m + 1):  # with and without rows outside the groups
                     if n <= self.config.max_num_seqs:
@@ -195,7 +194,7 @@ class ModelRunner:
         host["lengths"][:n], host["pages"][:n], host["page_weights"][:n] = kv, 0, 0.0
         mode, _, u, m = lora
         host["slots"][:u, :m], host["inverse"][:n] = np.arange(u * m).reshape(u, m), np.minimum(np.arange(n), u * m)
-        if mode == "sorted":
+        if mode == "gathered":
             host["order"][:n] = host["inverse"][:n] = np.arange(n)
         self.buffers.upload()
         self._decode_forward(n, kv, lora, frozenset())
@@ -270,14 +269,12 @@ class ModelRunner:
         self.cache.prepare_decode(d["cache_rows"][:b], positions, d["lengths"][:b], kv_len)
         mode, k, u, m = lora
         if mode == "gathered":
-            self._set_mapping((d["pages"][:b, :k], d["page_weights"][:b, :k]), keys, mode)
+            self._set_mapping((d["pages"][:b, :k], d["page_weights"][:b, :k]), keys, mode, d["order"][:b],
+                              d["inverse"][:b])  # fmt: skip
         elif mode == "segmented":
             self._set_mapping((d["pages"][:1, :k], d["page_weights"][:1, :k]), keys, mode)
         elif mode == "grouped":
             self._set_mapping((d["pages"][:u, :k], d["page_weights"][:u, :k]), keys, mode, d["slots"][:u, :m],
-                              d["inverse"][:b])  # fmt: skip
-        elif mode == "sorted":
-            self._set_mapping((d["pages"][:b, :k], d["page_weights"][:b, :k]), keys, mode, d["order"][:b],
                               d["inverse"][:b])  # fmt: skip
         try:
             return self._logits(self._forward(d["ids"][:b, None], positions)[:, -1])
@@ -341,9 +338,9 @@ class ModelRunner:
                     ) -> tuple[tuple[str, int, int, int], frozenset[int]]:  # fmt: skip
         """Stage a decode step's LoRA operands for rows 0..b-1, the op chosen by how rows share pages: every row on
         the same pages, one segment (two plain GEMMs); rows sharing pages two or more to a set, grouped (each set
-        read once); else, or without `group_decode`, gathered per row: in the order of their pages (each set's rows
-        together, "sorted") where several sets are shared two or more rows to a set. Returns (mode, pages per row,
-        groups, rows per group) and the keys."""
+        read once); else, or without `group_decode`, gathered per row, the rows taken in the order of their pages
+        (each set's rows together) where several sets are shared two or more rows to a set. Returns (mode, pages per
+        row, groups, rows per group) and the keys."""
         rows = self._rows(adapters)
         users = [i for i, r in enumerate(rows) if r]
         if not users:
@@ -354,25 +351,23 @@ class ModelRunner:
             sets.setdefault(tuple(rows[i]), []).append(i)
         pad = _bucket if self.graphs is not None else (lambda x: x)
         shared = len(users) >= 2 * len(sets)
-        if not self.group_decode:
-            if not shared or len(sets) == 1:  # all different, or all alike: the order changes nothing
-                mode, table, u, m = "gathered", rows, 0, 0
-            else:
+        if not self.group_decode or not shared:
+            mode, table, u, m = "gathered", rows, 0, 0
+            order = list(range(b))  # all different, or all alike: the order changes nothing
+            if shared and len(sets) > 1:
                 order = [i for members in sets.values() for i in members]
                 order += [i for i in range(b) if i >= len(rows) or not rows[i]]  # base rows, then padding
-                host["order"][:b], host["inverse"][order] = order, np.arange(b)
-                mode, table, u, m = "sorted", [rows[i] for i in order[: len(rows)]], 0, 0
+                table = [rows[i] for i in order[: len(rows)]]
+            host["order"][:b], host["inverse"][order] = order, np.arange(b)
         elif len(sets) == 1 and len(users) == len(rows) > 1:
             mode, table, u, m = "segmented", [list(next(iter(sets)))], 1, 0
-        elif shared:
+        else:
             mode, table = "grouped", [list(s) for s in sets]
             u, m = pad(len(sets)), pad(max(map(len, sets.values())))
             host["slots"][:u, :m], host["inverse"][:b] = b, u * m  # padding: the zero row in, no term out
             for g, members in enumerate(sets.values()):
                 host["slots"][g, : len(members)] = members
                 host["inverse"][members] = g * m + np.arange(len(members))
-        else:
-            mode, table, u, m = "gathered", rows, 0, 0
         host["pages"][: max(len(table), u, b), :k], host["page_weights"][: max(len(table), u, b), :k] = 0, 0.0
         self._fill(host["pages"], host["page_weights"], table)
         return (mode, k, u, m), self._keys(adapters)

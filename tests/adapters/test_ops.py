@@ -182,7 +182,7 @@ def test_grouped_matches_reference(dtype):
 
 @pytest.mark.parametrize("compiled", [False, True])
 def test_gathered_in_order_matches_reference(compiled):
-    """Rows taken adapter by adapter (the decode order of `ModelRunner._stage_lora`'s "sorted" mode), base rows last;
+    """Rows taken adapter by adapter (the order of `ModelRunner._stage_lora`'s gathered decode steps), base rows last;
     the result comes back in the rows' own order."""
     a, bt, owned = make_pool(24, 32, 48, [4, 16, 9])
     choice = [[(0, 1.0)], [(2, 1.0)], [(0, 1.0)], [], [(1, 0.5), (2, 0.5)], [(0, 1.0)], [(2, 1.0)],

@@ -278,8 +278,7 @@ def test_rows_sharing_adapters_decode_grouped_with_the_same_tokens(make_harness,
                                                                    grouping):  # fmt: skip
     """Decode steps whose rows share pages take the segmented op (all rows on one adapter) or the grouped one
     (several rows per adapter, each adapter's pages read once), or with decode grouping off (auto: the compiled
-    backend on the CPU) the gathered op, over rows taken adapter by adapter where they share several: the tokens
-    are PEFT's, and nothing compiles anew."""
+    backend on the CPU) the gathered op: the tokens are PEFT's, and nothing compiles anew."""
     h = make_harness(llama_dir, engine_adapters, backend, max_num_seqs=6, auto_merge=False, prefix_caching=False,
                      decode_grouping=grouping)  # fmt: skip
     modes = []
@@ -292,10 +291,7 @@ def test_rows_sharing_adapters_decode_grouped_with_the_same_tokens(make_harness,
     outs = h.run(same) + h.run(shared)
     grouped = grouping == "on" or h.engine.runner.device.type != "cpu" or backend == "eager"
     assert h.engine.runner.group_decode == grouped
-    if grouped:
-        assert "segmented" in modes and "grouped" in modes
-    else:  # rows in the order of their adapters where several are shared (`shared`), else as they are (`same`)
-        assert "sorted" in modes and "gathered" in modes and set(modes) <= {"gathered", "sorted", "none"}
+    assert ("segmented" in modes and "grouped" in modes) if grouped else set(modes) <= {"gathered", "none"}
     plain = AutoModelForCausalLM.from_pretrained(llama_dir).eval()
     merged = {n: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(llama_dir), d).merge_and_unload().eval()
               for n, d in engine_adapters.items()}  # fmt: skip
@@ -310,13 +306,14 @@ def test_rows_arriving_interleaved_decode_adapter_by_adapter_with_the_same_token
                                                                                   engine_adapters):  # fmt: skip
     """One step admits its new sequences adapter by adapter, but sequences admitted at different steps leave a decode
     step's rows interleaved (a b | base a b): the compiled backend on the CPU gathers over them adapter by adapter
-    (a permutation of the rows and back, "sorted"), and the tokens are PEFT's."""
+    (a permutation of the rows and back), the tokens are PEFT's, and nothing compiles anew."""
     h = make_harness(llama_dir, engine_adapters, "compiled", max_num_seqs=6, auto_merge=False, prefix_caching=False)
     h.engine.stop()  # drive the engine's steps by hand, from this thread
     eng, staged = h.engine, []
     stage = eng.runner._stage_lora
     eng.runner._stage_lora = lambda host, adapters, b: (r := stage(host, adapters, b),
                                                         staged.append((r[0][0], host["order"][:b].tolist())))[0]  # fmt: skip
+    compiles = dict(torch._dynamo.utils.counters["frames"])
     jobs = [(PROMPTS[0], "a"), (PROMPTS[1], "b"), (PROMPTS[2], None), (PROMPTS[3], "a"), (PROMPTS[4], "b")]
     outs = [[] for _ in jobs]
     reqs = [h.request(p, [(a, 1.0)] if a else [], 6, outs[i].append, min_tokens=6) for i, (p, a) in enumerate(jobs)]
@@ -331,7 +328,8 @@ def test_rows_arriving_interleaved_decode_adapter_by_adapter_with_the_same_token
         while eng.scheduler.has_work():
             eng._step()
     h.engine.start()
-    assert any(mode == "sorted" and order != sorted(order) for mode, order in staged), staged
+    assert any(mode == "gathered" and order != sorted(order) for mode, order in staged), staged
+    assert dict(torch._dynamo.utils.counters["frames"]) == compiles
     plain = AutoModelForCausalLM.from_pretrained(llama_dir).eval()
     merged = {n: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(llama_dir), d).merge_and_unload().eval()
               for n, d in engine_adapters.items()}  # fmt: skip
