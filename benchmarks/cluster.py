@@ -47,6 +47,7 @@ from benchmarks.common import (  # noqa: E402
     launch_server,
     make_random_adapters,
     print_table,
+    resident,
     resolve_model_path,
     wait_ready,
     write_json,
@@ -91,9 +92,8 @@ def resident_by_role(root: int) -> dict[str, list[float]]:
     for pid in process_tree(root):
         try:
             title = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            rss = next(int(line.split()[1]) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
-                       if line.startswith("VmRSS:")) / 1024  # fmt: skip
-        except (OSError, StopIteration):
+            rss = resident(pid)["VmRSS"] / 2**20
+        except (OSError, KeyError):  # gone, or a zombie
             continue
         role = "driver (loraplex serve)" if pid == root else next((r for key, r in ROLES if key in title), "other")
         roles[role].append(rss)

@@ -145,6 +145,12 @@ def write_json(path: Path, data: dict) -> None:
     print(f"wrote {path}")
 
 
+def resident(pid: int | str = "self") -> dict[str, int]:
+    """A process's resident set (VmRSS) and its parts (RssAnon: heap and tensors, RssFile: mapped files), bytes."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    return {k: int(fields[k].split()[0]) * 1024 for k in ("VmRSS", "RssAnon", "RssFile")}
+
+
 # --- a server subprocess ---------------------------------------------------------------------
 
 

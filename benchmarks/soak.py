@@ -36,6 +36,7 @@ from benchmarks.common import (  # noqa: E402
     launch_server,
     make_random_adapters,
     print_table,
+    resident,
     resolve_model_path,
     stop_server,
     wait_ready,
@@ -43,12 +44,6 @@ from benchmarks.common import (  # noqa: E402
     write_peft_adapters,
 )
 from benchmarks.http_load import adapter_shapes  # noqa: E402
-
-
-def resident(pid: int) -> dict[str, int]:
-    """The process's resident set (VmRSS) and its parts (RssAnon: heap and tensors, RssFile: mapped files), bytes."""
-    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
-    return {k: int(fields[k].split()[0]) * 1024 for k in ("VmRSS", "RssAnon", "RssFile")}
 
 
 def request_mix(rng: random.Random, base: str, adapters: int) -> tuple[str, dict]:

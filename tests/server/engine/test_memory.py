@@ -7,6 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import server.engine.memory as memory
+from benchmarks.common import resident
 from server.engine.config import EngineConfig
 from server.engine.engine import Engine
 from server.engine.memory import BudgetError, page_bytes, plan_memory, row_bytes, weight_bytes
@@ -77,24 +78,20 @@ def test_the_engine_serves_with_what_the_budget_gives(llama_dir, monkeypatch):
     assert engine.runner.layers["model.layers.0.mlp.up_proj"].lora_A.shape[0] == pages
 
 
-def resident_bytes() -> int:
-    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmRSS")) * 1024
-
-
 def test_reserve_memory_maps_the_preallocated_buffers_in_at_start(llama_dir):
     base = load_base_model(str(llama_dir), cache_dir=llama_dir)
     big = dict(prefix_cache_tokens=2**19)  # 64 MiB per prefix-cache buffer: beyond glibc's mmap threshold, lazy
-    before = resident_bytes()
+    before = resident()["VmRSS"]
     lazy = Engine(base, config(**big))
-    assert resident_bytes() - before < 2**26  # zeros that take memory only as they are written
+    assert resident()["VmRSS"] - before < 2**26  # zeros that take memory only as they are written
     reserved = lazy.reserve_memory()
     kv = sum(b.numel() * b.element_size() for name, b in base.model.named_buffers() if "loraplex" in name)
     pool = sum(layer.lora_A.nbytes + layer.lora_B.nbytes for layer in lazy.runner.layers.values())
     assert reserved == kv + pool and reserved > 2**28
-    assert resident_bytes() - before > 0.9 * reserved
+    assert resident()["VmRSS"] - before > 0.9 * reserved
     assert all(not b.any() for name, b in base.model.named_buffers() if "loraplex" in name)  # still zeros
     lazy.stop()
     base = load_base_model(str(llama_dir), cache_dir=llama_dir)
-    before = resident_bytes()
+    before = resident()["VmRSS"]
     Engine(base, config(**big, reserve_memory=True)).stop()
-    assert resident_bytes() - before > 0.9 * reserved
+    assert resident()["VmRSS"] - before > 0.9 * reserved
